@@ -1,0 +1,302 @@
+"""The VMix adapter file: one .safetensors holding everything inference needs.
+
+Tensors (d = context width, N = dimensions, inner = the layer's to_v output width):
+    aes_emb                         [2N, d]    rows 0..N-1 positive labels, N..2N-1 negatives
+    projection.token.weight         [77, N]    Linear over the token axis N -> 77
+    projection.token.bias           [77]
+    projection.norm.weight          [d]        LayerNorm(d)
+    projection.norm.bias            [d]
+    projection.out.weight           [d, d]     zero-initialised Linear(d, d)
+    projection.out.bias             [d]
+    values.<layer>.weight           [inner, d] W_a per attn2, <layer> the WebUI name, e.g.
+                                               values.input_blocks.1.1.transformer_blocks.0.attn2.weight
+                                               (diffusers names are accepted and mapped on load)
+Metadata: key "vmix" holds JSON with format "vmix-adapter", format_version, family ("sd15"/"sdxl"),
+context_dim, tokens (77), dimensions [{name, positive, negative}], train_lambda, training {free-form}.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from .dimensions import AestheticDimension, check_dimensions, dimensions_from_json
+from .layers import FAMILY_TITLES, LAYOUTS, TOKENS, diffusers_to_webui
+from .mixing import VMixAdapter
+
+FORMAT = "vmix-adapter"
+FORMAT_VERSION = 1
+METADATA_KEY = "vmix"
+EXTENSION = ".safetensors"
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class AdapterError(ValueError):
+    """A VMix adapter file cannot be used; the message names the file and the problem."""
+
+    def __init__(self, path: str, problem: str):
+        self.path = path
+        self.problem = problem
+        super().__init__(f"VMix adapter {os.path.basename(path)!r} {problem}.")
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the metadata says, read without loading the tensors (for menus and infotext)."""
+
+    path: str
+    family: str
+    context_dim: int
+    tokens: int
+    dimensions: Tuple[AestheticDimension, ...]
+    train_lambda: float
+    format_version: int
+    training: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
+    def family_title(self) -> str:
+        return FAMILY_TITLES.get(self.family, self.family)
+
+
+def _expected_shapes(family: str, n_dims: int, d: int) -> Dict[str, Tuple[int, ...]]:
+    shapes: Dict[str, Tuple[int, ...]] = {
+        "aes_emb": (2 * n_dims, d),
+        "projection.token.weight": (TOKENS, n_dims),
+        "projection.token.bias": (TOKENS,),
+        "projection.norm.weight": (d,),
+        "projection.norm.bias": (d,),
+        "projection.out.weight": (d, d),
+        "projection.out.bias": (d,),
+    }
+    for info in LAYOUTS[family]:
+        shapes[f"values.{info.name}.weight"] = (info.inner_dim, d)
+    return shapes
+
+
+def _read_header(path: str) -> Tuple[Dict[str, Any], int]:
+    """Parse the safetensors header ourselves so that every defect gets a precise message."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise AdapterError(path, "is empty or truncated (no safetensors header)")
+            (length,) = struct.unpack("<Q", raw)
+            if length > min(size - 8, _MAX_HEADER):
+                raise AdapterError(path, "is truncated or not a safetensors file (header length exceeds the file)")
+            header_bytes = f.read(length)
+    except OSError as e:
+        raise AdapterError(path, f"cannot be read ({e.strerror or e})") from None
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise AdapterError(path, "is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise AdapterError(path, "is not a safetensors file (its header is not a JSON object)")
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("data_offsets"), list) or len(entry["data_offsets"]) != 2:
+            raise AdapterError(path, f"has a malformed entry for tensor {name!r}")
+        begin, end = entry["data_offsets"]
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise AdapterError(path, f"has a malformed entry for tensor {name!r}")
+        if end > data_size:
+            raise AdapterError(path, f"is truncated (tensor {name!r} ends past the end of the file); download or copy it again")
+    return header, data_size
+
+
+def _check_metadata(path: str, header: Mapping[str, Any]) -> AdapterInfo:
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or METADATA_KEY not in meta:
+        raise AdapterError(path, f"has no '{METADATA_KEY}' metadata, so it is not a VMix adapter (LoRA and other files go elsewhere)")
+    try:
+        data = json.loads(meta[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError):
+        raise AdapterError(path, f"has '{METADATA_KEY}' metadata that is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise AdapterError(path, f"has '{METADATA_KEY}' metadata that is not a JSON object")
+
+    def need(key, kind, what):
+        if key not in data:
+            raise AdapterError(path, f"lacks the metadata field {key!r}")
+        value = data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise AdapterError(path, f"has metadata field {key!r} that is not {what}")
+        return value
+
+    if need("format", str, "a string") != FORMAT:
+        raise AdapterError(path, f"has metadata format {data['format']!r}, expected {FORMAT!r}")
+    version = need("format_version", int, "an integer")
+    if version > FORMAT_VERSION:
+        raise AdapterError(path, f"uses format version {version}, newer than this extension supports ({FORMAT_VERSION}); update sd-webui-vmix")
+    if version < 1:
+        raise AdapterError(path, f"has an invalid format version {version}")
+    family = need("family", str, "a string")
+    if family not in LAYOUTS:
+        raise AdapterError(path, f"is for model family {family!r}, which is not supported (supported: {', '.join(LAYOUTS)})")
+    context_dim = need("context_dim", int, "an integer")
+    expected_dim = LAYOUTS[family][0].context_dim
+    if context_dim != expected_dim:
+        raise AdapterError(path, f"says context width {context_dim}, but {FAMILY_TITLES[family]} uses {expected_dim}")
+    tokens = need("tokens", int, "an integer")
+    if tokens != TOKENS:
+        raise AdapterError(path, f"says {tokens} tokens, but VMix adapters use {TOKENS}")
+    raw_dims = need("dimensions", list, "a list")
+    try:
+        if not all(isinstance(i, dict) and all(isinstance(i.get(k), str) for k in ("name", "positive", "negative")) for i in raw_dims):
+            raise KeyError
+        dims = tuple(dimensions_from_json(raw_dims))
+    except (KeyError, TypeError):
+        raise AdapterError(path, "has a 'dimensions' list whose entries are not {name, positive, negative} strings") from None
+    problem = check_dimensions(dims)
+    if problem:
+        raise AdapterError(path, f"has unusable dimensions: {problem}")
+    train_lambda = need("train_lambda", float, "a number")
+    if not math.isfinite(train_lambda):
+        raise AdapterError(path, "has a non-finite train_lambda")
+    training = data.get("training", {})
+    if not isinstance(training, dict):
+        raise AdapterError(path, "has metadata field 'training' that is not a JSON object")
+    return AdapterInfo(path, family, context_dim, tokens, dims, train_lambda, version, training)
+
+
+def _check_path(path: str) -> str:
+    path = os.fspath(path)
+    lower = path.lower()
+    if lower.endswith(PICKLE_EXTENSIONS):
+        raise AdapterError(path, "is a pickle file, which can run arbitrary code when loaded; VMix adapters are .safetensors files only")
+    if not lower.endswith(EXTENSION):
+        raise AdapterError(path, "is not a .safetensors file")
+    if not os.path.isfile(path):
+        raise AdapterError(path, "does not exist")
+    return path
+
+
+def read_adapter_info(path: str) -> AdapterInfo:
+    """Validate the header and metadata only (fast; no tensor data is read)."""
+    path = _check_path(path)
+    header, _ = _read_header(path)
+    return _check_metadata(path, header)
+
+
+def _canonical_name(name: str) -> str:
+    if name.startswith("values.") and name.endswith(".weight"):
+        layer = name[len("values."):-len(".weight")]
+        mapped = diffusers_to_webui(layer)
+        if mapped is not None:
+            return f"values.{mapped}.weight"
+    return name
+
+
+def load_adapter(path: str, device: str | torch.device = "cpu") -> VMixAdapter:
+    """Load and fully validate an adapter file; raises AdapterError with one clear sentence."""
+    path = _check_path(path)
+    header, _ = _read_header(path)
+    info = _check_metadata(path, header)
+    expected = _expected_shapes(info.family, len(info.dimensions), info.context_dim)
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        canonical = _canonical_name(name)
+        if canonical in entries:
+            raise AdapterError(path, f"holds layer {canonical!r} twice (under two names)")
+        entries[canonical] = (name, entry)
+    missing = [n for n in expected if n not in entries]
+    if missing:
+        raise AdapterError(path, f"lacks {len(missing)} tensor(s) of a {FAMILY_TITLES[info.family]} adapter, first {missing[0]!r}")
+    extra = [n for n in entries if n not in expected]
+    if extra:
+        raise AdapterError(path, f"holds {len(extra)} unexpected tensor(s), first {entries[extra[0]][0]!r}")
+    for canonical, (name, entry) in entries.items():
+        if entry.get("dtype") not in _DTYPES:
+            raise AdapterError(path, f"stores tensor {name!r} as {entry.get('dtype')}, expected F32, F16 or BF16")
+        shape = tuple(entry.get("shape", ()))
+        if shape != expected[canonical]:
+            raise AdapterError(path, f"has tensor {name!r} of shape {list(shape)}, expected {list(expected[canonical])}")
+    try:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path, device="cpu")
+    except Exception as e:  # safetensors' own message, in our sentence
+        raise AdapterError(path, f"cannot be read as safetensors ({e})") from None
+    adapter = VMixAdapter(
+        info.dimensions,
+        info.context_dim,
+        {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
+        info.family,
+        tokens=info.tokens,
+        train_lambda=info.train_lambda,
+    )
+    state = {}
+    for canonical, (name, _) in entries.items():
+        tensor = tensors[name]
+        if not torch.isfinite(tensor).all():
+            raise AdapterError(path, f"has non-finite values (NaN or inf) in tensor {name!r}")
+        if canonical.startswith("values."):
+            canonical = "values." + canonical[len("values."):-len(".weight")].replace(".", "__") + ".weight"
+        state[canonical] = tensor.float()
+    adapter.load_state_dict(state, strict=True)
+    adapter.source_path = path
+    adapter.training_info = info.training
+    return adapter.to(device).eval().requires_grad_(False)
+
+
+def adapter_state(adapter: VMixAdapter, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:
+    """The file's tensors from an adapter module (WebUI layer names)."""
+    out: Dict[str, torch.Tensor] = {"aes_emb": adapter.aes_emb}
+    for key, tensor in adapter.projection.state_dict().items():
+        out[f"projection.{key}"] = tensor
+    for name in adapter.layer_names:
+        out[f"values.{name}.weight"] = adapter.value(name).weight
+    cast = dtype or torch.float32
+    # AesEmb and the projection are tiny; keep them in float32 whatever the W_a dtype.
+    return {
+        k: v.detach().to("cpu", torch.float32 if not k.startswith("values.") else cast).contiguous()
+        for k, v in out.items()
+    }
+
+
+def save_adapter(
+    adapter: VMixAdapter,
+    path: str,
+    training: Optional[Mapping[str, Any]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> str:
+    """Write ``adapter`` to ``path`` (.safetensors); ``dtype`` sets the W_a precision (default fp32)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    if not path.lower().endswith(EXTENSION):
+        raise ValueError(f"adapter files must end in {EXTENSION}: {path}")
+    if adapter.family not in LAYOUTS:
+        raise ValueError(f"adapter family {adapter.family!r} is not one of {', '.join(LAYOUTS)}")
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "family": adapter.family,
+        "context_dim": adapter.context_dim,
+        "tokens": adapter.tokens,
+        "dimensions": [d.to_json() for d in adapter.dimensions],
+        "train_lambda": adapter.train_lambda,
+        "training": dict(training or {}),
+    }
+    tmp = path + ".tmp"
+    save_file(adapter_state(adapter, dtype), tmp, metadata={METADATA_KEY: json.dumps(meta)})
+    os.replace(tmp, path)  # never leave a half-written adapter under the real name
+    return path

@@ -1,0 +1,272 @@
+"""The VMix hook: a forward hook on every cross-attention value projection (``attn2.to_v``).
+
+Because both branches share the attention map, Eq. 9 is exactly "add λ·V_a to the values of the
+text tokens", so the hook returns ``to_v(context) + λ·tile(V_a)`` and whatever attention kernel,
+LoRA, hypernetwork or attn2 replacement the WebUI runs keeps working unchanged.
+
+Rules (DESIGN §4): hooks are inert unless armed; λ = 0 leaves outputs bit-identical; V_a is
+computed once per generation per device/dtype; removal restores the UNet exactly.
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .layers import FAMILY_TITLES, FamilyReport, LayerInfo, detect_family, find_cross_attention_layers
+from .mixing import VMixAdapter
+
+log = logging.getLogger("vmix")
+
+_HOOK_MARK = "_vmix_value_hook"
+_MIXERS: "weakref.WeakSet[ValueMixer]" = weakref.WeakSet()
+
+
+class AdapterMismatch(ValueError):
+    """The adapter does not fit the UNet; nothing was hooked."""
+
+
+@dataclass
+class BindReport:
+    model: FamilyReport
+    missing: List[str] = field(default_factory=list)  # UNet attn2 layers the adapter has no W_a for
+    extra: List[str] = field(default_factory=list)  # adapter layers the UNet does not have
+    mismatched: List[Tuple[str, Tuple[int, int], Tuple[int, int]]] = field(default_factory=list)
+    context_mismatch: Optional[Tuple[int, int]] = None  # (adapter width, UNet width)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.extra or self.mismatched or self.context_mismatch)
+
+    def reason(self, adapter: VMixAdapter) -> str:
+        """One clause saying why the adapter does not fit, e.g. for 'VMix: skipped (...)'."""
+        title = FAMILY_TITLES.get(adapter.family, adapter.family)
+        if self.context_mismatch or not self.model.supported or self.model.family != adapter.family:
+            return f"this {title} adapter does not fit the loaded model, which is {self.model.description}"
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} layers missing from the adapter (first: {self.missing[0]})")
+        if self.extra:
+            parts.append(f"{len(self.extra)} adapter layers not in the model (first: {self.extra[0]})")
+        if self.mismatched:
+            name, want, got = self.mismatched[0]
+            parts.append(f"{len(self.mismatched)} layers of another shape (first: {name}, adapter {list(want)}, model {list(got)})")
+        return f"this {title} adapter does not fit the loaded model: " + "; ".join(parts)
+
+
+def check_fit(adapter: VMixAdapter, layers: Sequence[LayerInfo]) -> BindReport:
+    report = BindReport(detect_family(list(layers)))
+    have = {info.name: (info.inner_dim, info.context_dim) for info in layers}
+    want = adapter.layer_shapes()
+    widths = {info.context_dim for info in layers}
+    if layers and widths != {adapter.context_dim}:
+        report.context_mismatch = (adapter.context_dim, max(widths))
+    report.missing = [n for n in have if n not in want]
+    report.extra = [n for n in want if n not in have]
+    report.mismatched = [(n, want[n], have[n]) for n in want if n in have and tuple(want[n]) != tuple(have[n])]
+    return report
+
+
+def remove_vmix_hooks(root: nn.Module) -> int:
+    """Remove every VMix hook found under ``root``, including ones left by a crashed or reloaded run."""
+    removed = 0
+    for module in root.modules():
+        hooks = module._forward_hooks
+        for key in [k for k, fn in hooks.items() if getattr(fn, _HOOK_MARK, False)]:
+            del hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
+            module._forward_hooks_always_called.pop(key, None)
+            removed += 1
+    return removed
+
+
+def remove_all() -> None:
+    """Remove the hooks of every live ValueMixer (lifecycle start, postprocess, script unload)."""
+    for mixer in list(_MIXERS):
+        mixer.remove()
+
+
+class ValueMixer:
+    """Binds a VMixAdapter to a UNet's attn2.to_v layers and adds λ·V_a while armed.
+
+    Per-call controls the caller may change at any time:
+      strength         global λ
+      layer_strengths  {layer name: factor} (block weights; missing = 1)
+      row_strengths    per-row factors for the next calls, e.g. [1, 1, 0, 0] for cond/uncond rows
+                       (None = all rows 1; a length that does not match the rows warns once)
+      gate             per-step switch (start/end of the sampling range)
+      guard            optional callable; the hook acts only while it returns True
+    """
+
+    def __init__(
+        self,
+        adapter: VMixAdapter,
+        strength: float = 1.0,
+        alphas: Optional[Mapping[str, float]] = None,
+        layer_strengths: Optional[Mapping[str, float]] = None,
+        guard: Optional[Callable[[], bool]] = None,
+        strict: bool = False,
+    ):
+        self.adapter = adapter
+        self.strength = float(strength)
+        self.layer_strengths: Dict[str, float] = dict(layer_strengths or {})
+        self.row_strengths: Optional[Sequence[float]] = None
+        self.gate = True
+        self.guard = guard
+        self.strict = strict  # raise errors from inside the hook instead of logging them once
+        self.armed = False
+        self._handles: List[torch.utils.hooks.RemovableHandle] = []
+        self._unet_ref: Optional[weakref.ref] = None
+        self._aesthetic: Optional[torch.Tensor] = None
+        self._cache: Dict[tuple, torch.Tensor] = {}
+        self._warned: set = set()
+        unknown = set(self.layer_strengths) - set(adapter.layer_names)
+        if unknown:
+            raise ValueError(f"unknown layer in block weights: {sorted(unknown)[0]}")
+        self.set_alphas(alphas)
+        _MIXERS.add(self)
+
+    # -- aesthetic condition ----------------------------------------------------------------
+    def set_alphas(self, alphas: Optional[Mapping[str, float]] = None) -> None:
+        """Set the per-dimension α (missing = 1) and recompute f_a once, without gradients."""
+        with torch.no_grad():
+            f_a = self.adapter.aesthetic_context(self.adapter.aesthetic_input(alphas))
+        self.set_aesthetic_context(f_a)
+
+    def set_aesthetic_context(self, f_a: torch.Tensor) -> None:
+        """Use ``f_a`` [77, d] (shared by all rows) or [rows, 77, d] (per row, e.g. in training)."""
+        self._aesthetic = f_a
+        self._cache.clear()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    def is_installed_on(self, unet: nn.Module) -> bool:
+        return self.installed and self._unet_ref is not None and self._unet_ref() is unet
+
+    def install(self, unet: nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> "ValueMixer":
+        """Hook every attn2.to_v of ``unet``.  Raises AdapterMismatch before touching anything."""
+        if self.is_installed_on(unet):
+            return self
+        layers = find_cross_attention_layers(unet) if layers is None else list(layers)
+        report = check_fit(self.adapter, layers)
+        if not report.ok:
+            raise AdapterMismatch(report.reason(self.adapter))
+        self.remove()
+        remove_vmix_hooks(unet)
+        for info in layers:
+            hook = self._make_hook(info.name)
+            self._handles.append(info.module.to_v.register_forward_hook(hook))
+        self._unet_ref = weakref.ref(unet)
+        self._cache.clear()
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._unet_ref = None
+        self.armed = False
+        self._cache.clear()
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def __enter__(self) -> "ValueMixer":
+        self.arm()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def applied(self, unet: nn.Module) -> "ValueMixer":
+        """``with mixer.applied(unet): ...`` installs and arms, and removes on exit."""
+        return self.install(unet)
+
+    # -- the hook ---------------------------------------------------------------------------
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("VMix: %s", message)
+
+    def _values(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+        """V_a for ``name`` on out's device/dtype, tiled to out's token count; cached."""
+        tokens = self.adapter.tokens
+        chunks, rest = divmod(out.shape[-2], tokens)
+        if rest or not chunks:
+            self._warn_once(f"tokens{out.shape[-2]}", f"context of {out.shape[-2]} tokens is not a multiple of {tokens}; left unchanged")
+            return None
+        key = (name, out.device, out.dtype, chunks, torch.is_grad_enabled())
+        values = self._cache.get(key)
+        if values is None:
+            values = self.adapter.aesthetic_values(name, self._aesthetic, device=out.device)
+            if chunks > 1:
+                values = torch.cat([values] * chunks, dim=-2)
+            values = values.to(out.dtype)
+            self._cache[key] = values
+        return values
+
+    def _row_factors(self, rows: int, out: torch.Tensor) -> Optional[torch.Tensor]:
+        factors = self.row_strengths
+        if factors is None:
+            return None
+        factors = tuple(float(f) for f in factors)
+        if len(factors) != rows:
+            self._warn_once(f"rows{len(factors)}/{rows}", f"{len(factors)} row strengths for {rows} rows; using 1 for all rows")
+            return None
+        key = ("rows", factors, out.device, out.dtype)
+        tensor = self._cache.get(key)
+        if tensor is None:
+            tensor = torch.tensor(factors, dtype=out.dtype).to(out.device).view(rows, 1, 1)
+            self._cache[key] = tensor
+        return tensor
+
+    def _apply(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
+        strength = self.strength * self.layer_strengths.get(name, 1.0)
+        if strength == 0.0 or self._aesthetic is None or out.dim() != 3:
+            return None
+        rows = out.shape[0]
+        if self._aesthetic.dim() == 3 and self._aesthetic.shape[0] != rows:
+            self._warn_once(f"batch{rows}", f"per-row aesthetic input for {self._aesthetic.shape[0]} rows, got {rows}; left unchanged")
+            return None
+        values = self._values(name, out)
+        if values is None:
+            return None
+        factors = self._row_factors(rows, out)
+        if factors is not None:
+            if not bool(factors.any()):
+                return None
+            return out + (factors * strength) * values
+        return out + strength * values
+
+    def _make_hook(self, name: str):
+        mixer_ref = weakref.ref(self)
+
+        def vmix_value_hook(module, args, output):
+            mixer = mixer_ref()
+            if mixer is None or not mixer.armed or not mixer.gate:
+                return None
+            if mixer.guard is not None and not mixer.guard():
+                return None
+            if not isinstance(output, torch.Tensor):
+                return None
+            try:
+                return mixer._apply(name, output)
+            except Exception as e:  # never let a VMix bug break a generation
+                if mixer.strict:
+                    raise
+                mixer._warn_once("error", f"disabled for this generation after an error in layer {name}: {e}")
+                mixer.armed = False
+                return None
+
+        setattr(vmix_value_hook, _HOOK_MARK, True)
+        return vmix_value_hook
