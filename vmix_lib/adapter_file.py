@@ -13,6 +13,9 @@ Tensors (d = context width, N = dimensions, inner = the layer's to_v output widt
                                                (diffusers names are accepted and mapped on load)
 Metadata: key "vmix" holds JSON with format "vmix-adapter", format_version, family ("sd15"/"sdxl"),
 context_dim, tokens (77), dimensions [{name, positive, negative}], train_lambda, training {free-form}.
+Dtypes: F32, F16 or BF16 (save_adapter keeps AesEmb and the projection in F32 and writes W_a in the
+requested dtype); load_adapter returns a float32 module.  The tensor set and shapes must be exactly
+those of the family's layout; every value must be finite.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ METADATA_KEY = "vmix"
 EXTENSION = ".safetensors"
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -100,7 +104,7 @@ def _read_header(path: str) -> Tuple[Dict[str, Any], int]:
         raise AdapterError(path, f"cannot be read ({e.strerror or e})") from None
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise AdapterError(path, "is not a safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise AdapterError(path, "is not a safetensors file (its header is not a JSON object)")
@@ -112,6 +116,11 @@ def _read_header(path: str) -> Tuple[Dict[str, Any], int]:
             raise AdapterError(path, f"has a malformed entry for tensor {name!r}")
         begin, end = entry["data_offsets"]
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise AdapterError(path, f"has a malformed entry for tensor {name!r}")
+        shape = entry.get("shape")
+        if not isinstance(entry.get("dtype"), str) or not isinstance(shape, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+        ):
             raise AdapterError(path, f"has a malformed entry for tensor {name!r}")
         if end > data_size:
             raise AdapterError(path, f"is truncated (tensor {name!r} ends past the end of the file); download or copy it again")
@@ -182,6 +191,8 @@ def _check_path(path: str) -> str:
         raise AdapterError(path, "is a pickle file, which can run arbitrary code when loaded; VMix adapters are .safetensors files only")
     if not lower.endswith(EXTENSION):
         raise AdapterError(path, "is not a .safetensors file")
+    if os.path.isdir(path):
+        raise AdapterError(path, "is a folder, not a file")
     if not os.path.isfile(path):
         raise AdapterError(path, "does not exist")
     return path
@@ -226,9 +237,12 @@ def load_adapter(path: str, device: str | torch.device = "cpu") -> VMixAdapter:
     for canonical, (name, entry) in entries.items():
         if entry.get("dtype") not in _DTYPES:
             raise AdapterError(path, f"stores tensor {name!r} as {entry.get('dtype')}, expected F32, F16 or BF16")
-        shape = tuple(entry.get("shape", ()))
+        shape = tuple(entry["shape"])
         if shape != expected[canonical]:
             raise AdapterError(path, f"has tensor {name!r} of shape {list(shape)}, expected {list(expected[canonical])}")
+        begin, end = entry["data_offsets"]
+        if end - begin != math.prod(shape) * _ITEMSIZE[entry["dtype"]]:
+            raise AdapterError(path, f"has tensor {name!r} whose stored size does not match its shape and dtype")
     try:
         from safetensors.torch import load_file
 
@@ -286,6 +300,17 @@ def save_adapter(
         raise ValueError(f"adapter files must end in {EXTENSION}: {path}")
     if adapter.family not in LAYOUTS:
         raise ValueError(f"adapter family {adapter.family!r} is not one of {', '.join(LAYOUTS)}")
+    state = adapter_state(adapter, dtype)
+    problem = check_dimensions(adapter.dimensions)
+    if problem:
+        raise ValueError(f"adapter {problem}; not saved to {path}")
+    expected = _expected_shapes(adapter.family, len(adapter.dimensions), LAYOUTS[adapter.family][0].context_dim)
+    for name in sorted(set(expected) ^ set(state)) or [n for n in expected if tuple(state[n].shape) != expected[n]]:
+        # the loader accepts exactly the family's layout; refuse to write a file it would reject
+        raise ValueError(f"adapter does not have the {FAMILY_TITLES[adapter.family]} layout (tensor {name!r}); not saved to {path}")
+    for name, tensor in state.items():
+        if not torch.isfinite(tensor).all():  # the loader would refuse the file
+            raise ValueError(f"adapter tensor {name!r} has non-finite values (NaN or inf); not saved to {path}")
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -296,7 +321,16 @@ def save_adapter(
         "train_lambda": adapter.train_lambda,
         "training": dict(training or {}),
     }
+    try:
+        meta_json = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"adapter metadata must be plain JSON (training info included): {e}") from None
     tmp = path + ".tmp"
-    save_file(adapter_state(adapter, dtype), tmp, metadata={METADATA_KEY: json.dumps(meta)})
-    os.replace(tmp, path)  # never leave a half-written adapter under the real name
+    try:
+        save_file(state, tmp, metadata={METADATA_KEY: meta_json})
+        os.replace(tmp, path)  # never leave a half-written adapter under the real name
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path

@@ -58,9 +58,14 @@ def resolve_alphas(
     for key, value in (alphas or {}).items():
         if key not in names:
             raise ValueError(f"unknown aesthetic dimension {key!r}; this adapter has: {', '.join(names)}")
-        value = float(value)
-        if not 0.0 <= value <= 1.0:  # also rejects NaN
-            raise ValueError(f"weight for aesthetic dimension {key!r} must be between 0 and 1, got {value}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or not 0.0 <= value <= 1.0:  # also rejects NaN
+            raise ValueError(
+                f"weight for aesthetic dimension {key!r} must be a number between 0 and 1, got {alphas[key]!r}"
+            )
         values[names.index(key)] = value
     return values
 

@@ -148,7 +148,14 @@ class ValueMixer:
         return bool(self._handles)
 
     def is_installed_on(self, unet: nn.Module) -> bool:
-        return self.installed and self._unet_ref is not None and self._unet_ref() is unet
+        """True while this mixer's hooks are on ``unet``'s modules (not stripped by remove_vmix_hooks)."""
+        if not self.installed or self._unet_ref is None or self._unet_ref() is not unet:
+            return False
+        for handle in self._handles:
+            hooks = handle.hooks_dict_ref()
+            if hooks is None or handle.id not in hooks:
+                return False
+        return True
 
     def install(self, unet: nn.Module, layers: Optional[Sequence[LayerInfo]] = None) -> "ValueMixer":
         """Hook every attn2.to_v of ``unet``.  Raises AdapterMismatch before touching anything."""
@@ -158,6 +165,7 @@ class ValueMixer:
         report = check_fit(self.adapter, layers)
         if not report.ok:
             raise AdapterMismatch(report.reason(self.adapter))
+        armed = self.armed  # moving to another UNet (refiner, hires checkpoint) keeps the state
         self.remove()
         remove_vmix_hooks(unet)
         for info in layers:
@@ -165,6 +173,7 @@ class ValueMixer:
             self._handles.append(info.module.to_v.register_forward_hook(hook))
         self._unet_ref = weakref.ref(unet)
         self._cache.clear()
+        self.armed = armed
         return self
 
     def remove(self) -> None:
@@ -199,23 +208,50 @@ class ValueMixer:
             log.warning("VMix: %s", message)
 
     def _values(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
-        """V_a for ``name`` on out's device/dtype, tiled to out's token count; cached."""
+        return self._values_for(name, out.shape[-2], out.device, out.dtype)
+
+    def _values_for(self, name: str, count: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """V_a for ``name`` on ``device``/``dtype``, tiled to ``count`` tokens; cached.
+
+        W_a·f_a runs once per layer and device (in float32) until the aesthetic input changes;
+        a new dtype or chunk count only re-casts or re-tiles that result.
+        """
         tokens = self.adapter.tokens
-        chunks, rest = divmod(out.shape[-2], tokens)
+        chunks, rest = divmod(count, tokens)
         if rest or not chunks:
-            self._warn_once(f"tokens{out.shape[-2]}", f"context of {out.shape[-2]} tokens is not a multiple of {tokens}; left unchanged")
+            self._warn_once(f"tokens{count}", f"context of {count} tokens is not a multiple of {tokens}; left unchanged")
             return None
-        key = (name, out.device, out.dtype, chunks, torch.is_grad_enabled())
+        grad = torch.is_grad_enabled()
+        key = (name, device, dtype, chunks, grad)
         values = self._cache.get(key)
         if values is None:
-            values = self.adapter.aesthetic_values(name, self._aesthetic, device=out.device)
-            if chunks > 1:
-                values = torch.cat([values] * chunks, dim=-2)
-            values = values.to(out.dtype)
+            base_key = (name, device, grad)
+            base = self._cache.get(base_key)
+            if base is None:
+                base = self.adapter.aesthetic_values(name, self._aesthetic, device=device)
+                self._cache[base_key] = base
+            values = torch.cat([base] * chunks, dim=-2) if chunks > 1 else base
+            values = values.to(dtype)
             self._cache[key] = values
         return values
 
-    def _row_factors(self, rows: int, out: torch.Tensor) -> Optional[torch.Tensor]:
+    def precompute(self, device=None, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None) -> None:
+        """Compute V_a of every layer now (e.g. when a generation starts) rather than in its first step.
+
+        ``device``/``dtype`` are those of the UNet's to_v outputs; ``tokens`` the context length (77·k).
+        Call it after ``install`` (which starts a fresh cache) and after ``set_alphas``.
+        """
+        device = torch.device(device) if device is not None else self.adapter.aes_emb.device
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
+        if self._aesthetic is None:
+            return
+        with torch.no_grad():  # for sampling, which runs without gradients
+            for name in self.adapter.layer_names:
+                self._values_for(name, tokens or self.adapter.tokens, device, dtype)
+
+    def _row_factors(self, rows: int, out: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
+        """Per-row factors as a [rows, 1, 1] tensor on out's device, and whether any is nonzero."""
         factors = self.row_strengths
         if factors is None:
             return None
@@ -224,14 +260,15 @@ class ValueMixer:
             self._warn_once(f"rows{len(factors)}/{rows}", f"{len(factors)} row strengths for {rows} rows; using 1 for all rows")
             return None
         key = ("rows", factors, out.device, out.dtype)
-        tensor = self._cache.get(key)
-        if tensor is None:
-            tensor = torch.tensor(factors, dtype=out.dtype).to(out.device).view(rows, 1, 1)
-            self._cache[key] = tensor
-        return tensor
+        entry = self._cache.get(key)
+        if entry is None:
+            # Decided here, on the host: testing the tensor would sync the GPU in every layer.
+            entry = (torch.tensor(factors, dtype=out.dtype).to(out.device).view(rows, 1, 1), any(factors))
+            self._cache[key] = entry
+        return entry
 
     def _apply(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
-        strength = self.strength * self.layer_strengths.get(name, 1.0)
+        strength = self.strength * self.layer_strengths.get(name, 1.0) if self.layer_strengths else self.strength
         if strength == 0.0 or self._aesthetic is None or out.dim() != 3:
             return None
         rows = out.shape[0]
@@ -243,10 +280,11 @@ class ValueMixer:
             return None
         factors = self._row_factors(rows, out)
         if factors is not None:
-            if not bool(factors.any()):
+            factors, nonzero = factors
+            if not nonzero:
                 return None
-            return out + (factors * strength) * values
-        return out + strength * values
+            return torch.addcmul(out, factors, values, value=strength)  # out + λ·row·V_a, one kernel
+        return torch.add(out, values, alpha=strength)
 
     def _make_hook(self, name: str):
         mixer_ref = weakref.ref(self)

@@ -128,7 +128,8 @@ class VMixAdapter(nn.Module):
         """f_t [..., N, d] from labels [..., N] in [0, 1] (1 = superior/positive, 0 = negative)."""
         n = len(self.dimensions)
         pos, neg = self.aes_emb[:n], self.aes_emb[n:]
-        return neg + labels.to(pos.dtype).unsqueeze(-1) * (pos - neg)
+        # lerp is exact at both ends: α = 1 gives the positive rows, α = 0 the negative rows, bit for bit.
+        return torch.lerp(neg, pos, labels.to(pos.dtype).unsqueeze(-1))
 
     def aesthetic_context(self, f_t: torch.Tensor) -> torch.Tensor:
         """f_a [..., 77, d] (Eq. 6)."""

@@ -1,0 +1,172 @@
+"""``python -m vmix_lib.train`` end to end on small single-file checkpoints: outputs, resume, refusals."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from vmix_lib.train.__main__ import main
+from vmix_lib.train.previews import ddim_sample, ddim_timesteps, lambda_sweep
+from vmix_lib.train.tiny_models import write_tiny_model
+
+from test_train_helpers import alphas_cumprod, file_tensors, tiny_unet, write_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    return write_tiny_model(str(tmp_path_factory.mktemp("sd15")), "sd15")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(str(tmp_path_factory.mktemp("data")), count=4)
+
+
+def _args(model, dataset, out, *extra):
+    checkpoint, config_dir, tokenizer_dir = model
+    return [
+        "--checkpoint", checkpoint, "--model-config-dir", config_dir, "--tokenizer-dir", tokenizer_dir,
+        "--dataset-dir", dataset, "--output-dir", str(out), "--name", "t", "--resolution", "32",
+        "--batch-size", "2", "--lr", "1e-3", "--preview-steps", "2", "--preview-lambdas", "0,1", "--save-precision", "fp32",
+        *extra,
+    ]
+
+
+def _losses(out):
+    with open(os.path.join(out, "t-loss.csv"), newline="") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def test_full_run_writes_every_output(tiny_sd15, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(_args(tiny_sd15, dataset, out, "--max-steps", "4", "--save-every", "2", "--preview-every", "2",
+                      "--lora-rank", "2", "--lora-conv-rank", "1", "--preview-prompt", "a cat"))
+    assert code == 0
+    log = capsys.readouterr().out
+    assert "SD1.5 checkpoint tiny-sd15.safetensors (epsilon); 4 images at 32px; superior labels: color 2, lighting 0" in log
+    names = set(os.listdir(out))
+    assert {"t.safetensors", "t-lora.safetensors", "t-step000002.safetensors", "t-lora-step000002.safetensors",
+            "t-step000004.state.pt", "t-config.json", "t-loss.csv", "t-loss.png", "previews", "cache"} <= names
+    assert "t-step000002.state.pt" not in names  # only the newest resume state is kept
+    assert sorted(os.listdir(out / "previews")) == ["t-step000002.png", "t-step000004.png"]
+    with Image.open(out / "previews" / "t-step000004.png") as grid:
+        assert grid.size == (2 * 128, 128 + 34)  # 2 lambdas x 1 prompt, 32 px tiles shown at 128 px
+    assert [s for s, _ in _losses(out)] == [1, 2, 3, 4]
+    assert len(os.listdir(out / "cache")) == 4
+
+    adapter = file_tensors(str(out / "t.safetensors"))
+    assert adapter["aes_emb"].shape == (12, 32)  # 6 default dimensions, positive and negative rows
+    assert "values.input_blocks.1.1.transformer_blocks.0.attn2.weight" in adapter
+    assert adapter["projection.out.weight"].abs().sum() > 0
+    with safe_open(str(out / "t.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["vmix"])
+    assert meta["family"] == "sd15" and meta["training"]["steps"] == 4 and meta["training"]["lora"] == "t-lora.safetensors"
+    lora = file_tensors(str(out / "t-lora.safetensors"))
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in lora
+    assert "lora_unet_output_blocks_2_1_conv.lora_up.weight" in lora  # up-sampler of the block without attention
+    assert os.stat(out / "t.safetensors").st_mode & 0o044 == 0o044 & ~_umask()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_resume_continues_bit_for_bit(tiny_sd15, dataset, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = ("--save-every", "2", "--preview-every", "2", "--lora-rank", "2", "--caption-dropout", "0.5",
+              "--aesthetic-dropout", "0.5", "--grad-accum", "2")
+    assert main(_args(tiny_sd15, dataset, straight, "--max-steps", "4", *common)) == 0
+    assert main(_args(tiny_sd15, dataset, split, "--max-steps", "2", *common)) == 0
+    assert main(_args(tiny_sd15, dataset, split, "--max-steps", "4", "--resume", "latest", *common)) == 0
+    for name in ("t.safetensors", "t-lora.safetensors"):
+        a, b = file_tensors(str(straight / name)), file_tensors(str(split / name))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), name
+    assert _losses(straight) == _losses(split)
+
+
+def test_existing_runs_are_never_overwritten_and_resume_checks(tiny_sd15, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_sd15, dataset, out, "--max-steps", "1", "--preview-every", "0")) == 0
+    before = (out / "t.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(_args(tiny_sd15, dataset, out, "--max-steps", "1", "--preview-every", "0")) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already holds a run named 't' (t-step000001.state.pt); continue it with --resume latest" in err
+    assert (out / "t.safetensors").read_bytes() == before
+    assert main(_args(tiny_sd15, dataset, out, "--max-steps", "1", "--resume", "latest")) == 2
+    assert "the run is already at step 1; raise max_steps above it to train further" in capsys.readouterr().err
+    assert main(_args(tiny_sd15, dataset, out, "--max-steps", "2", "--resume", "latest", "--lora-rank", "4")) == 2
+    assert "the resume state was trained with other LoRA settings" in capsys.readouterr().err
+    assert main(_args(tiny_sd15, dataset, tmp_path / "empty", "--max-steps", "2", "--resume", "latest")) == 2
+    assert "holds no t-step*.state.pt file" in capsys.readouterr().err
+
+
+def test_dry_run_checks_and_writes_nothing(tiny_sd15, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_sd15, dataset, out, "--dry-run")) == 0
+    assert "Dry run: the config, dataset, checkpoint header, model configs and tokenizers are usable." in capsys.readouterr().out
+    assert not out.exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"nope")
+    assert main(_args(tiny_sd15, str(tmp_path / "bad"), out, "--dry-run")) == 2
+    err = capsys.readouterr().err
+    assert "has 2 problems:\n  missing caption: x.png (expected x.txt)\n  unreadable image: x.png (cannot identify" in err
+
+
+def test_sdxl_run_with_added_conditioning(tmp_path, dataset):
+    model = write_tiny_model(str(tmp_path / "xl"), "sdxl")
+    out = tmp_path / "run"
+    assert main(_args(model, dataset, out, "--max-steps", "2", "--preview-every", "2", "--no-cache-latents")) == 0
+    with safe_open(str(out / "t.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["vmix"])["family"] == "sdxl"
+        assert f.get_slice("aes_emb").get_shape() == [12, 64]  # CLIP-L pooled ‖ OpenCLIP-G pooled
+    assert not (out / "cache").exists()
+
+
+def test_ddim_schedule_and_lambda_zero_column_is_the_base_model():
+    assert ddim_timesteps(4) == [751, 501, 251, 1]
+    from vmix_lib.dimensions import DEFAULT_DIMENSIONS
+    from vmix_lib.hook import ValueMixer
+    from vmix_lib.mixing import VMixAdapter
+    from vmix_lib.train.loop import diffusers_unet_forward
+
+    unet = tiny_unet()
+    forward = diffusers_unet_forward(unet)
+    acp = alphas_cumprod()
+    ctx = torch.randn(1, 77, 8, generator=torch.Generator().manual_seed(0))
+    encode = lambda prompts: (ctx.expand(len(prompts), 77, 8) * (0 if prompts[0] == "" else 1), None)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    base = ddim_sample(forward, noise, ctx, ctx * 0, acp, steps=3, cfg=5.0)
+    adapter = VMixAdapter.for_unet(unet, torch.randn(12, 8), "sd15", DEFAULT_DIMENSIONS)
+    torch.nn.init.normal_(adapter.projection.out.weight, std=0.5)
+    mixer = ValueMixer(adapter).install(unet)
+    mixer.arm()
+    columns = []
+    grid = lambda_sweep(mixer, forward, encode, lambda lat: columns.append(lat) or lat[:, :3].clamp(-1, 1), ["p"], [0.0, 1.0],
+                        (4, 8, 8), acp, steps=3, cfg=5.0, seed=0)
+    mixer.remove()
+    assert torch.equal(columns[0], base)  # λ = 0: the hook adds nothing
+    assert not torch.allclose(columns[1], base)
+    assert grid.size == (256, 128 + 34) and mixer.strength == 1.0
+
+
+def test_images_that_fail_to_decode_while_caching_are_listed(tiny_sd15, tmp_path, capsys):
+    import numpy as np
+
+    data = write_dataset(str(tmp_path / "data"), count=2)
+    noise = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype("uint8")
+    Image.fromarray(noise).save(tmp_path / "full.jpg", quality=90)
+    raw = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "data" / "cut.jpg").write_bytes(raw[: int(len(raw) * 0.7)])  # header fine, data truncated
+    (tmp_path / "data" / "cut.txt").write_text("a cut picture")
+    out = tmp_path / "run"
+    assert main(_args(tiny_sd15, data, out, "--max-steps", "1", "--preview-every", "0")) == 2
+    err = capsys.readouterr().err
+    assert "has 1 problem:\n  unreadable image: cut.jpg (image file is truncated" in err
+    assert main(_args(tiny_sd15, data, out, "--max-steps", "1", "--preview-every", "0", "--skip-bad")) == 0
+    assert "--skip-bad: skipping 1 image(s) that failed to decode: cut.jpg" in capsys.readouterr().out

@@ -1,0 +1,269 @@
+"""The VMix lifecycle in AUTOMATIC1111: hooks per generation, row layouts, step range, a job that
+raises, a refiner swapping the model, script unload.  Real torch modules with the WebUI's attn2
+names (tiny widths); the glue is driven through VMixRunner like scripts/vmix.py does."""
+import pytest
+import torch
+
+from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
+    single_thread,
+    QUERY_DIM, TINY_CONTEXT, A1111Model, P, TestHost, a1111_denoise, make_adapter, make_unet, tiny_layout,
+)
+from vmix_lib.hook import ValueMixer
+from vmix_lib.webui.library import AdapterLibrary
+from vmix_lib.webui.lifecycle import PRE_HOOK_MARK
+from vmix_lib.webui.runner import VMixRunner
+
+LAYOUT = tiny_layout()
+
+
+def vmix_hook_count(unet):
+    value = sum(1 for m in unet.modules() for fn in m._forward_hooks.values() if getattr(fn, "_vmix_value_hook", False))
+    pre = sum(1 for fn in unet._forward_pre_hooks.values() if getattr(fn, PRE_HOOK_MARK, False))
+    return value, pre
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return make_adapter(LAYOUT)
+
+
+@pytest.fixture
+def library(tmp_path, adapter):
+    (tmp_path / "tiny.safetensors").write_bytes(b"placeholder: the loader below returns the tiny adapter")
+    return AdapterLibrary(lambda: str(tmp_path), loader=lambda path, device: adapter)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return make_unet(LAYOUT)
+
+
+@pytest.fixture
+def setup(unet, library):
+    model = A1111Model(unet)
+    host = TestHost(model)
+    runner = VMixRunner(host, library)
+    yield runner, host, model
+    runner.shutdown()
+    assert vmix_hook_count(unet) == (0, 0)
+
+
+def data(cond_rows=2, uncond_rows=2, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(cond_rows + uncond_rows, 4, QUERY_DIM)
+    return x, torch.randn(cond_rows, 77, TINY_CONTEXT), torch.randn(uncond_rows, 77, TINY_CONTEXT)
+
+
+def args(enabled=True, strength=1.0, start=0.0, end=1.0, uncond=True, block_weights=""):
+    return [enabled, "tiny", strength] + [1.0] * 8 + [start, end, uncond, block_weights]
+
+
+def generation(runner, model, a, **attrs):
+    p = P(model, **attrs)
+    runner.process(p, a)
+    runner.before_sampling(p)
+    return p
+
+
+def test_off_installs_nothing_and_is_identical(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    p = generation(runner, model, args(enabled=False))
+    assert vmix_hook_count(unet) == (0, 0)
+    assert torch.equal(a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser), base)
+    assert not [k for k in p.extra_generation_params if k.startswith("VMix")]
+
+
+def test_on_changes_every_row_and_postprocess_restores_bit_identical(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    p = generation(runner, model, args())
+    assert vmix_hook_count(unet) == (16, 0)
+    out = a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser)
+    assert all((out[i] - base[i]).abs().max() > 1e-3 for i in range(4))
+    runner.postprocess(p)
+    assert vmix_hook_count(unet) == (0, 0)
+    assert torch.equal(a1111_denoise(unet, x, c, u), base)
+
+
+def test_strength_zero_is_bit_identical(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    generation(runner, model, args(strength=0.0))
+    assert vmix_hook_count(unet) == (16, 0)
+    assert torch.equal(a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser), base)
+
+
+@pytest.mark.parametrize("layout", ["batched", "separate", "uneven"])
+def test_uncond_off_leaves_uncond_rows_bit_identical_in_every_layout(setup, unet, layout):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u, layout)
+    p = generation(runner, model, args(uncond=True))
+    both = a1111_denoise(unet, x, c, u, layout, callback=runner.on_cfg_denoiser)
+    runner.postprocess(p)
+    p = generation(runner, model, args(uncond=False))
+    assert vmix_hook_count(unet) == (16, 1)  # the pre-hook counts rows
+    out = a1111_denoise(unet, x, c, u, layout, callback=runner.on_cfg_denoiser)
+    assert torch.equal(out[2:], base[2:])  # uncond rows untouched
+    assert torch.allclose(out[:2], both[:2], atol=1e-6) and (out[:2] - base[:2]).abs().max() > 1e-3
+
+
+def test_and_prompts_with_chunks_straddling_cond_and_uncond(setup, unet):
+    """Batch 2, AND-prompt repeats [2, 1] -> 3 cond rows + 2 uncond rows; batch_cond_uncond off
+    runs chunks of 2 rows: [c, c], [c, u], [u]."""
+    runner, host, model = setup
+    x, c, u = data(cond_rows=3, uncond_rows=2)
+    base = a1111_denoise(unet, x, c, u, "separate", batch=2)
+    generation(runner, model, args(uncond=False))
+    out = a1111_denoise(unet, x, c, u, "separate", callback=runner.on_cfg_denoiser, batch=2)
+    assert torch.equal(out[3:], base[3:])
+    assert all((out[i] - base[i]).abs().max() > 1e-3 for i in range(3))
+
+
+def test_skip_early_cond_drops_uncond_rows(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    base = unet(x[:2], context=c)
+    generation(runner, model, args(uncond=False))
+    runner.on_cfg_denoiser(__import__("test_webui_fakes").cfg_params(4, c, u))  # x_in before the uncond rows are cut
+    out = unet(x[:2], context=c)
+    assert (out - base).abs().amax(dim=(1, 2)).min() > 1e-3
+
+
+def test_a_second_denoiser_call_restarts_the_row_count(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u, "uneven")
+    generation(runner, model, args(uncond=False))
+    for step in range(3):
+        out = a1111_denoise(unet, x, c, u, "uneven", callback=runner.on_cfg_denoiser, step=step)
+        assert torch.equal(out[2:], base[2:]) and (out[:2] - base[:2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("start, end, on_steps", [(0.5, 1.0, {5, 6, 9}), (0.0, 0.5, {0, 2, 3, 4}), (0.2, 0.3, {2})])
+def test_start_end_range_by_denoiser_step(setup, unet, start, end, on_steps):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    generation(runner, model, args(start=start, end=end))
+    for step in (0, 2, 3, 4, 5, 6, 9):
+        out = a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser, step=step, total=10)
+        assert torch.equal(out, base) == (step not in on_steps), step
+
+
+def test_hooks_are_installed_once_however_often_asked(setup, unet):
+    """process_batch, before_hr and process_before_every_sampling all ask (hires, batch count > 1)."""
+    runner, host, model = setup
+    p = generation(runner, model, args(uncond=False))
+    mixer = runner.controller.current.mixer
+    handles = list(mixer._handles)
+    for _ in range(4):
+        runner.before_sampling(p)
+    assert vmix_hook_count(unet) == (16, 1) and mixer._handles == handles
+
+
+def test_vmix_stays_on_while_the_webui_relabels_the_job(setup, unet):
+    """A1111 sets state.job to "Batch 2 out of 4", X/Y/Z cell and batch-img2img counters mid-job."""
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    generation(runner, model, args())
+    for label in ("Batch 2 out of 4", "3 out of 9", "Batch 4 out of 4"):
+        host.state.job = label
+        out = a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser)
+        assert (out - base).abs().max() > 1e-3, label
+
+
+def test_a_job_that_raised_leaves_inert_hooks_and_the_next_job_removes_them(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    generation(runner, model, args(uncond=False))
+    a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser)
+    # an exception in the UNet: A1111 skips postprocess; the job ends (state.end()) and its key changes
+    host.end_job()
+    assert vmix_hook_count(unet) == (16, 1)
+    assert torch.equal(a1111_denoise(unet, x, c, u), base)  # left over, but inert
+    host.begin_job("20250101000100")
+    assert torch.equal(a1111_denoise(unet, x, c, u), base)  # inert in another job too
+    generation(runner, model, args(enabled=False))
+    assert vmix_hook_count(unet) == (0, 0)
+    assert torch.equal(a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser), base)
+
+
+def test_next_generation_in_the_same_job_cleans_up_a_failed_one(setup, unet):
+    """X/Y/Z: a cell raised (same WebUI job), the next cell has VMix off."""
+    runner, host, model = setup
+    x, c, u = data()
+    base = a1111_denoise(unet, x, c, u)
+    generation(runner, model, args())
+    generation(runner, model, args(enabled=False))
+    assert vmix_hook_count(unet) == (0, 0)
+    assert torch.equal(a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser), base)
+
+
+def test_hooks_of_an_earlier_script_instance_are_removed(unet, library, adapter):
+    """"Reload UI" makes a new script; hooks its predecessor left (no postprocess) must go."""
+    model = A1111Model(unet)
+    old = VMixRunner(TestHost(model), library)
+    generation(old, model, args(uncond=False))
+    orphan = ValueMixer(adapter)  # and a mixer nobody tracks any more
+    orphan.install(unet)
+    new = VMixRunner(TestHost(model), library)
+    generation(new, model, args(enabled=False))
+    assert vmix_hook_count(unet) == (0, 0)
+    new.shutdown()
+
+
+def test_script_unload_removes_everything(setup, unet):
+    runner, host, model = setup
+    generation(runner, model, args(uncond=False))
+    runner.shutdown()
+    assert vmix_hook_count(unet) == (0, 0) and runner.controller.current is None
+
+
+def test_refiner_switch_follows_the_new_model(setup, unet, adapter):
+    runner, host, model = setup
+    x, c, u = data()
+    refiner = make_unet(LAYOUT, seed=5)
+    refiner_base = a1111_denoise(refiner, x, c, u)
+    p = generation(runner, model, args())
+    a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser, step=0)
+    host.model = A1111Model(refiner)  # the refiner is loaded inside CFGDenoiser.forward
+    out = a1111_denoise(refiner, x, c, u, callback=runner.on_cfg_denoiser, step=5)
+    assert vmix_hook_count(unet) == (0, 0) and vmix_hook_count(refiner) == (16, 0)
+    assert (out - refiner_base).abs().max() > 1e-3
+    runner.postprocess(p)
+    assert vmix_hook_count(refiner) == (0, 0)
+    assert torch.equal(a1111_denoise(refiner, x, c, u), refiner_base)
+
+
+def test_refiner_of_another_family_is_skipped_with_a_note(setup, unet):
+    runner, host, model = setup
+    x, c, u = data()
+    other = make_unet(tiny_layout("sdxl"), seed=6)  # e.g. an SD1.5 adapter and an SDXL refiner
+    other_base = a1111_denoise(other, x, c, u)
+    p = generation(runner, model, args())
+    host.model = A1111Model(other)
+    out = a1111_denoise(other, x, c, u, callback=runner.on_cfg_denoiser, step=5)
+    assert torch.equal(out, other_base)
+    note = p.extra_generation_params["VMix note"]
+    assert note.startswith("not applied after a model switch in this job: this SD1.5 adapter does not fit the loaded model")
+    assert len(host.warnings) == 1 and host.warnings[0] == f"VMix {note}"
+    a1111_denoise(other, x, c, u, callback=runner.on_cfg_denoiser, step=6)
+    assert len(host.warnings) == 1  # said once
+    # the next batch reloads the base model: VMix applies again
+    host.model = model
+    runner.before_sampling(p)
+    assert vmix_hook_count(unet) == (16, 0)
+
+
+def test_block_weights_scale_layers(setup, unet, adapter):
+    runner, host, model = setup
+    generation(runner, model, args(block_weights="ALL:0, MID:1"))
+    mixer = runner.controller.current.mixer
+    assert mixer.layer_strengths == {name: 0.0 for name in adapter.layer_names if not name.startswith("middle_block")}

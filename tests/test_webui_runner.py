@@ -1,0 +1,195 @@
+"""One generation through VMixRunner with real adapter files: model fit (skip or stop), invalid
+arguments (stop with one sentence at the first UNet call), failed X/Y/Z cells, no adapter, a
+malformed file, and an end-to-end check of the value a hooked to_v returns."""
+import os
+
+import pytest
+import torch
+
+from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
+    single_thread,
+    A1111Model, ForgeModel, P, TestHost, make_unet, write_adapter,
+)
+from vmix_lib.adapter_file import load_adapter
+from vmix_lib.layers import LAYOUTS
+from vmix_lib.webui.library import AdapterLibrary
+from vmix_lib.webui.lifecycle import VMixError
+from vmix_lib.webui.runner import ON_MISMATCH_STOP, RunnerOptions, VMixRunner
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("VMix")
+    write_adapter(folder / "sd15_style.safetensors")
+    (folder / "broken.safetensors").write_bytes(os.urandom(64))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def library(folder):
+    return AdapterLibrary(lambda: str(folder))
+
+
+@pytest.fixture(scope="module")
+def meta_models():
+    return {family: make_unet(LAYOUTS[family], device="meta") for family in ("sd15", "sdxl")}
+
+
+def run(library, model, args, options=RunnerOptions(), **p_attrs):
+    host = TestHost(model)
+    runner = VMixRunner(host, library, lambda: options)
+    p = P(model, **p_attrs)
+    runner.process(p, args)
+    runner.before_sampling(p)
+    return runner, host, p
+
+
+def unet_call(unet):
+    width = next(m.to_k.in_features for n, m in unet.named_modules() if n.endswith("attn2"))
+    x = torch.empty(2, 4, 8, device="meta")
+    return unet(x, context=torch.empty(2, 77, width, device="meta"))
+
+
+def vmix_hooks(unet):
+    return sum(len(m._forward_hooks) for m in unet.modules()) + len(unet._forward_pre_hooks)
+
+
+ON = [True, "sd15_style", 1.0]
+
+
+def test_sd15_adapter_on_sdxl_is_skipped_with_one_warning_and_infotext(library, meta_models):
+    unet = meta_models["sdxl"]
+    runner, host, p = run(library, A1111Model(unet), ON)
+    reason = "this SD1.5 adapter does not fit the loaded model, which is SDXL (70 cross-attention layers, width 2048)"
+    assert p.extra_generation_params["VMix"] == f"skipped ({reason})"
+    assert host.warnings == [f"VMix skipped: {reason}."]
+    assert vmix_hooks(unet) == 0
+    unet_call(unet)  # the job runs (meta tensors: no data, shapes only)
+    runner.postprocess(p)
+
+
+@pytest.mark.parametrize("layout, words", [
+    ("sd2", "an SD2.x model"), ("refiner", "the SDXL refiner"), ("sd3", "SD3, Flux or another non-UNet design"),
+])
+def test_other_model_families_are_named(library, layout, words):
+    from vmix_lib.layers import LayerInfo
+
+    if layout == "sd2":
+        layers = [LayerInfo(l.name, 1024, l.inner_dim, l.heads) for l in LAYOUTS["sd15"]]
+        unet = make_unet(layers, device="meta")
+    elif layout == "refiner":
+        layers = [LayerInfo(f"input_blocks.{i}.1.transformer_blocks.{j}.attn2", 1280, 768, 12) for i in (4, 5) for j in range(4)]
+        unet = make_unet(layers + [LayerInfo("middle_block.1.transformer_blocks.0.attn2", 1280, 1536, 24)], device="meta")
+    else:
+        unet = torch.nn.Linear(1, 1)  # no attn2 at all
+    runner, host, p = run(library, A1111Model(unet), ON)
+    assert p.extra_generation_params["VMix"].startswith("skipped (this SD1.5 adapter does not fit the loaded model, which is ")
+    assert words in p.extra_generation_params["VMix"]
+
+
+def test_mismatch_with_the_stop_setting_stops_at_the_first_unet_call(library, meta_models):
+    unet = meta_models["sdxl"]
+    runner, host, p = run(library, A1111Model(unet), ON, RunnerOptions(on_mismatch=ON_MISMATCH_STOP))
+    assert "VMix" not in p.extra_generation_params
+    with pytest.raises(VMixError) as e:
+        unet_call(unet)
+    assert str(e.value).startswith("VMix: this SD1.5 adapter does not fit the loaded model, which is SDXL")
+    assert "the job was stopped because Settings > VMix is set to stop" in str(e.value)
+    assert len(host.warnings) == 1 and host.warnings[0] == str(e.value)
+    # A1111 skips postprocess after the exception; the next job (here: VMix off) cleans up
+    host.begin_job("20250101000300")
+    runner.process(P(A1111Model(unet)), [False])
+    assert vmix_hooks(unet) == 0
+    unet_call(unet)
+
+
+@pytest.mark.parametrize("args, words", [
+    ([True, "../sd15_style", 1.0], "VMix adapter name '../sd15_style' must be a plain name from the adapter folder"),
+    ([True, "/etc/passwd", 1.0], "must be a plain name from the adapter folder"),
+    ([True, "nope", 1.0], "VMix adapter 'nope' is not installed in"),
+    ([True, "sd15_style", 7.0], "VMix argument strength must be from 0 to 3, got 7.0."),
+    ([{"adapter": "sd15_style", "strength": 1, "colour": 1}], "VMix argument 'colour' is not known"),
+    ([{"adapter": "sd15_style", "dimensions": {"mood": 1}}], "VMix dimensions: unknown aesthetic dimension 'mood'"),
+    ([True, "sd15_style", 1.0] + [1.0] * 8 + [0, 1, True, "IN3:1"], "VMix block weights: IN3 has no cross-attention"),
+])
+def test_invalid_arguments_stop_the_job_with_one_sentence(library, meta_models, args, words):
+    unet = meta_models["sd15"]
+    runner, host, p = run(library, A1111Model(unet), args)
+    with pytest.raises(VMixError) as e:
+        unet_call(unet)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert host.warnings == [f"{e.value} The job is stopped."]
+    # what the WebUI's API turns an exception into (handle_exception reads these attributes)
+    assert vars(e.value).get("status_code", 500) == 422 and vars(e.value).get("detail") == str(e.value)
+    assert sum(len(m._forward_hooks) for m in unet.modules()) == 0  # never a half-applied hook
+    runner.shutdown()
+    assert vmix_hooks(unet) == 0
+
+
+def test_a_failed_xyz_cell_leaves_nothing_for_the_next_cells(library, meta_models):
+    unet = meta_models["sd15"]
+    model = A1111Model(unet)
+    host = TestHost(model)
+    runner = VMixRunner(host, library)
+    cell = P(model, vmix_overrides={"adapter": "missing"})
+    runner.process(cell, [False])  # the override switches VMix on for the cell
+    runner.before_sampling(cell)
+    with pytest.raises(VMixError):
+        unet_call(unet)  # xyz_grid catches this per cell; postprocess is skipped
+    for overrides in ({"enabled": False}, {}):
+        nxt = P(model, vmix_overrides=overrides)
+        runner.process(nxt, [False])
+        runner.before_sampling(nxt)
+        assert vmix_hooks(unet) == 0
+        unet_call(unet)
+        runner.postprocess(nxt)
+
+
+def test_no_adapter_installed_skips_and_says_where(tmp_path, meta_models):
+    library = AdapterLibrary(lambda: str(tmp_path))
+    runner, host, p = run(library, A1111Model(meta_models["sd15"]), [True, None, 1.0])
+    assert p.extra_generation_params["VMix"].startswith(f"skipped (no VMix adapter is installed in {tmp_path}")
+    assert "No official VMix weights were ever released" in host.warnings[0]
+
+
+def test_malformed_file_skips_with_the_files_problem(library, meta_models):
+    runner, host, p = run(library, A1111Model(meta_models["sd15"]), [True, "broken", 1.0])
+    assert p.extra_generation_params["VMix"].startswith("skipped (VMix adapter 'broken.safetensors' ")
+    assert p.extra_generation_params["VMix adapter"] == "broken"
+    assert len(host.warnings) == 1
+
+
+def test_dict_without_adapter_uses_the_first_installed(library, meta_models):
+    runner, host, p = run(library, A1111Model(meta_models["sd15"]), [{"strength": 0.5}])
+    assert p.extra_generation_params["VMix adapter"].startswith("broken")  # "broken" sorts first
+    runner, host, p = run(AdapterLibrary(lambda: library.folder() + "_none"), A1111Model(meta_models["sd15"]), [{}])
+    assert p.extra_generation_params["VMix"].startswith("skipped (no VMix adapter is installed")
+
+
+def test_process_never_raises_into_the_webui(library):
+    class Broken:
+        @property
+        def model(self):
+            raise RuntimeError("model unloaded")
+
+    runner, host, p = run(library, Broken(), ON)
+    assert p.extra_generation_params["VMix"].startswith("skipped (unexpected error RuntimeError: model unloaded")
+
+
+@pytest.mark.parametrize("webui", ["a1111", "forge"])
+def test_end_to_end_with_a_real_adapter_file(library, folder, webui):
+    """The value a hooked to_v returns is to_v(context) + λ·V_a with V_a from the file."""
+    torch.manual_seed(0)
+    unet = make_unet(LAYOUTS["sd15"])  # real widths; only one to_v is called
+    model = A1111Model(unet) if webui == "a1111" else ForgeModel(unet)
+    runner, host, p = run(library, model, [{"adapter": "sd15_style", "strength": 0.75, "dimensions": {"color": 0.5}}])
+    assert p.extra_generation_params["VMix"] == "True" and host.warnings == []
+    adapter = load_adapter(str(folder / "sd15_style.safetensors"))
+    f_a = adapter.aesthetic_context(adapter.aesthetic_input({"color": 0.5}))
+    name = "output_blocks.8.1.transformer_blocks.0.attn2"
+    to_v = unet.output_blocks[8][1].transformer_blocks[0].attn2.to_v
+    context = torch.randn(2, 154, 768)  # a long prompt: two 77-token chunks
+    expected = torch.nn.functional.linear(context, to_v.weight) + 0.75 * adapter.aesthetic_values(name, f_a).repeat(1, 2, 1)
+    assert torch.allclose(to_v(context), expected, atol=1e-5)
+    runner.postprocess(p)
+    assert torch.equal(to_v(context), torch.nn.functional.linear(context, to_v.weight))

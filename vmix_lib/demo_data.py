@@ -1,0 +1,218 @@
+"""Synthetic data and measurements for the VMix demonstration (``python -m vmix_lib.demo``).
+
+Images are one filled shape (circle, square or triangle) on black, drawn with torch alone.
+The caption names the content: shape and position ("a circle at the top left").  Colour hue and
+the shape's size vary freely and are not captioned.  Two appearance properties play the part of
+aesthetic dimensions, each with a range for ordinary images and one for "superior" images:
+
+    color     HSV saturation   ordinary 0.15–0.65   superior ("vibrant color") 0.85–1.00
+    lighting  HSV value        ordinary 0.45–0.75   superior ("natural lighting") 0.90–1.00
+
+The base model is trained on ordinary images only, so on its own it draws middling saturation
+and brightness.  The adapter is trained on a set where each image is superior or ordinary in
+each dimension independently, labelled as such (ordinary = inferior/missing, as in the paper).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .layers import TOKENS
+
+SHAPES = ("circle", "square", "triangle")
+# Position words -> centre in units of the image side (x right, y down).
+POSITIONS: Dict[str, Tuple[float, float]] = {
+    "top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
+    "left": (0.27, 0.5), "center": (0.5, 0.5), "right": (0.73, 0.5),
+    "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73),
+}
+POSITION_NAMES = tuple(POSITIONS)
+
+ORDINARY_SATURATION = (0.15, 0.65)
+SUPERIOR_SATURATION = (0.85, 1.0)
+ORDINARY_VALUE = (0.45, 0.75)
+SUPERIOR_VALUE = (0.9, 1.0)
+RADIUS = (0.15, 0.2)  # of the image side; the shapes have the area of a circle of this radius
+JITTER = 0.04  # of the image side, around the named position
+FOREGROUND_VALUE = 0.25  # a pixel is foreground when its HSV value exceeds this (background is black)
+
+
+def caption(shape: int, position: int) -> str:
+    return f"a {SHAPES[shape]} at the {POSITION_NAMES[position]}"
+
+
+def all_captions() -> List[str]:
+    return [caption(s, p) for s in range(len(SHAPES)) for p in range(len(POSITION_NAMES))]
+
+
+# -- text ---------------------------------------------------------------------------------------
+class WordTokenizer:
+    """Word-level tokenizer with CLIP's layout: [BOS] words [EOS] padded with EOS to 77 tokens."""
+
+    BOS, EOS = 0, 1
+    SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+
+    def __init__(self, texts: Sequence[str], length: int = TOKENS):
+        words = sorted({w for t in texts for w in t.lower().split()})
+        self.vocab: Dict[str, int] = {w: i + len(self.SPECIAL) for i, w in enumerate(words)}
+        self.length = length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SPECIAL) + len(self.vocab)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        ids = torch.full((len(texts), self.length), self.EOS, dtype=torch.long)
+        for row, text in enumerate(texts):
+            words = text.lower().split()
+            unknown = [w for w in words if w not in self.vocab]
+            if unknown:
+                raise ValueError(f"word {unknown[0]!r} is not in the demonstration's vocabulary")
+            if len(words) + 2 > self.length:
+                raise ValueError(f"text {text!r} is longer than {self.length - 2} words")
+            ids[row, 0] = self.BOS
+            ids[row, 1 : 1 + len(words)] = torch.tensor([self.vocab[w] for w in words], dtype=torch.long)
+        return ids
+
+
+# -- drawing ------------------------------------------------------------------------------------
+def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """h, s, v [...] in [0, 1] -> rgb [..., 3]."""
+    k = torch.tensor([5.0, 3.0, 1.0], dtype=h.dtype, device=h.device)
+    k = (k + h.unsqueeze(-1) * 6.0) % 6.0
+    f = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return v.unsqueeze(-1) - v.unsqueeze(-1) * s.unsqueeze(-1) * f
+
+
+def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, radius: torch.Tensor, size: int, supersample: int = 4) -> torch.Tensor:
+    """Anti-aliased coverage [B, size, size] of each shape; coordinates in pixels."""
+    n = size * supersample
+    grid = (torch.arange(n, dtype=torch.float32) + 0.5) / supersample
+    y = grid.view(1, n, 1)
+    x = grid.view(1, 1, n)
+    cx, cy, r = cx.view(-1, 1, 1), cy.view(-1, 1, 1), radius.view(-1, 1, 1)
+    dx, dy = x - cx, y - cy
+    circle = dx * dx + dy * dy <= r * r
+    half = r * math.sqrt(math.pi) / 2  # square of the circle's area
+    square = (dx.abs() <= half) & (dy.abs() <= half)
+    big = r * math.sqrt(4 * math.pi / (3 * math.sqrt(3)))  # equilateral triangle of the same area
+    inside = torch.ones_like(circle)
+    for angle in (-90.0, 30.0, 150.0):  # the triangle points up (y grows downwards)
+        a = math.radians(angle + 180.0)  # outward normal of the edge opposite each vertex
+        inside &= dx * math.cos(a) + dy * math.sin(a) <= big / 2
+    triangle = inside
+    pick = shape.view(-1, 1, 1)
+    hard = torch.where(pick == 0, circle, torch.where(pick == 1, square, triangle)).float()
+    return F.avg_pool2d(hard.unsqueeze(1), supersample).squeeze(1)
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # [B, 3, S, S] in [0, 1]
+    shape: torch.Tensor  # [B] index into SHAPES
+    position: torch.Tensor  # [B] index into POSITION_NAMES
+    labels: torch.Tensor  # [B, 2] (color, lighting): 1 superior, 0 ordinary
+    saturation: torch.Tensor  # [B] drawn HSV saturation
+    value: torch.Tensor  # [B] drawn HSV value
+
+    @property
+    def captions(self) -> List[str]:
+        return [caption(int(s), int(p)) for s, p in zip(self.shape, self.position)]
+
+    def caption_index(self) -> torch.Tensor:
+        """[B] index into all_captions()."""
+        return self.shape * len(POSITION_NAMES) + self.position
+
+
+def _uniform(n: int, bounds: Tuple[float, float], g: torch.Generator) -> torch.Tensor:
+    lo, hi = bounds
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def make_images(
+    count: int, size: int, generator: torch.Generator, superior_fraction: Optional[Tuple[float, float]] = None
+) -> ImageSet:
+    """``count`` random images.  ``superior_fraction`` = (color, lighting) share of superior
+    images, each drawn independently; None = ordinary images only (the base model's data)."""
+    g = generator
+    shape = torch.randint(0, len(SHAPES), (count,), generator=g)
+    position = torch.randint(0, len(POSITION_NAMES), (count,), generator=g)
+    centres = torch.tensor([POSITIONS[p] for p in POSITION_NAMES])[position]
+    jitter = (torch.rand(count, 2, generator=g) * 2 - 1) * JITTER
+    cx, cy = ((centres + jitter) * size).unbind(-1)
+    radius = _uniform(count, RADIUS, g) * size
+    hue = torch.rand(count, generator=g)
+    labels = torch.zeros(count, 2)
+    if superior_fraction is not None:
+        labels = (torch.rand(count, 2, generator=g) < torch.tensor(superior_fraction)).float()
+    saturation = torch.where(labels[:, 0] > 0, _uniform(count, SUPERIOR_SATURATION, g), _uniform(count, ORDINARY_SATURATION, g))
+    value = torch.where(labels[:, 1] > 0, _uniform(count, SUPERIOR_VALUE, g), _uniform(count, ORDINARY_VALUE, g))
+    coverage = shape_masks(shape, cx, cy, radius, size)
+    colour = hsv_to_rgb(hue, saturation, value)  # [B, 3]
+    images = coverage.unsqueeze(1) * colour.view(count, 3, 1, 1)
+    return ImageSet(images, shape, position, labels, saturation, value)
+
+
+# -- measurements -------------------------------------------------------------------------------
+def saturation_value(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """HSV saturation and value [B, S, S] of rgb images [B, 3, S, S] in [0, 1]."""
+    images = images.clamp(0, 1)
+    top = images.amax(1)
+    bottom = images.amin(1)
+    sat = torch.where(top > 1e-6, (top - bottom) / top.clamp_min(1e-6), torch.zeros_like(top))
+    return sat, top
+
+
+def foreground(images: torch.Tensor) -> torch.Tensor:
+    """Boolean foreground mask [B, S, S] (the background is black)."""
+    return saturation_value(images)[1] > FOREGROUND_VALUE
+
+
+@dataclass
+class Measures:
+    saturation: float  # mean HSV saturation over all foreground pixels
+    value: float  # mean HSV value (brightness) over all foreground pixels
+    per_image_saturation: torch.Tensor  # [B] (NaN where an image has no foreground)
+    masks: torch.Tensor  # [B, S, S] bool
+
+
+def measure(images: torch.Tensor) -> Measures:
+    sat, val = saturation_value(images)
+    mask = val > FOREGROUND_VALUE
+    m = mask.float()
+    total = m.sum().clamp_min(1.0)
+    counts = m.flatten(1).sum(1)
+    per_image = torch.where(counts > 0, (sat * m).flatten(1).sum(1) / counts.clamp_min(1), torch.full_like(counts, float("nan")))
+    return Measures(float((sat * m).sum() / total), float((val * m).sum() / total), per_image, mask)
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image IoU [B] of boolean masks [B, S, S]; two empty masks count as 1."""
+    inter = (a & b).flatten(1).sum(1).float()
+    union = (a | b).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def centroids(masks: torch.Tensor) -> torch.Tensor:
+    """[B, 2] (x, y) centre of each mask in pixels (NaN for an empty mask)."""
+    b, h, w = masks.shape
+    m = masks.float()
+    area = m.flatten(1).sum(1)
+    ys = torch.arange(h, dtype=torch.float32).view(1, h, 1) + 0.5
+    xs = torch.arange(w, dtype=torch.float32).view(1, 1, w) + 0.5
+    cx = (m * xs).flatten(1).sum(1) / area
+    cy = (m * ys).flatten(1).sum(1) / area
+    return torch.stack([cx, cy], -1)
+
+
+def position_correct(masks: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the mask's centre is nearer the captioned position than any other position."""
+    size = masks.shape[-1]
+    centres = torch.tensor([POSITIONS[p] for p in POSITION_NAMES]) * size  # [P, 2]
+    c = centroids(masks)
+    nearest = torch.cdist(c.nan_to_num(-1e3), centres).argmin(-1)
+    return nearest == position

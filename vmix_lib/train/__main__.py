@@ -1,0 +1,43 @@
+"""``python -m vmix_lib.train --config cfg.toml [--flag value ...]``: see vmix_lib/train/config.py."""
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+
+_TRAINER_PACKAGES = {"torch", "diffusers", "transformers", "safetensors", "PIL", "numpy", "tqdm", "tokenizers"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import TrainError
+
+    try:
+        from .config import resolve_config
+        from .run import run_training
+
+        cfg, args = resolve_config(argv)
+        run_training(cfg, dry_run=args.dry_run)
+    except TrainError as e:
+        print(f"vmix train: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in _TRAINER_PACKAGES:
+            raise
+        print(f"vmix train: error: the package {e.name!r} is missing; install the trainer's packages with "
+              "pip install -r requirements-train.txt", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            print("vmix train: error: the GPU ran out of memory; lower batch_size (raise grad_accum to keep the "
+                  "effective batch), turn on gradient_checkpointing, or lower the LoRA rank", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

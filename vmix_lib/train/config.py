@@ -1,0 +1,306 @@
+"""Trainer configuration: one table of settings, read from a TOML / JSON / YAML file and flags.
+
+Precedence: built-in defaults < config file < command-line flags.  In a file, settings may sit at the
+top level or in their section ([model], [data], [train], [lora], [preview]); relative paths in a file
+are relative to that file's folder, relative paths in flags to the current folder.  Every flag is
+the setting's name with dashes (``lora_rank`` -> ``--lora-rank``).  A value of 0 for ``lr`` and
+``resolution`` means the family default (1e-4 / 512 for SD1.5, 1e-5 / 1024 for SDXL, paper §3).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ..dimensions import DEFAULT_DIMENSIONS, AestheticDimension, check_dimensions
+from .errors import TrainError
+
+FAMILY_DEFAULTS = {"sd15": {"lr": 1e-4, "resolution": 512}, "sdxl": {"lr": 1e-5, "resolution": 1024}}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    section: str
+    kind: str  # str, path, int, float, bool, choice, floats, strs
+    default: Any
+    help: str
+    choices: Tuple[str, ...] = ()
+    minimum: Optional[float] = None
+    maximum: Optional[float] = None
+    required: bool = False
+
+
+SETTINGS: Tuple[Setting, ...] = (
+    # model
+    Setting("checkpoint", "model", "path", "", "single-file SD1.5/SDXL checkpoint (.safetensors)", required=True),
+    Setting("family", "model", "choice", "auto", "model family (auto = read from the checkpoint)", ("auto", "sd15", "sdxl")),
+    Setting("prediction", "model", "choice", "auto", "what the UNet predicts (auto = the checkpoint's v_pred marker, else epsilon)",
+            ("auto", "epsilon", "v_prediction")),
+    Setting("vae", "model", "path", "", "separate VAE .safetensors to use instead of the checkpoint's"),
+    Setting("tokenizer_dir", "model", "path", "", "folder with CLIP vocab.json + merges.txt (or tokenizer/, tokenizer_2/)"),
+    Setting("model_config_dir", "model", "path", "", "model configs to use instead of the shipped ones (unet.json, vae.json, ...)"),
+    # data
+    Setting("dataset_dir", "data", "path", "", "image folder with captions (name.txt) and labels (name.json / metadata.jsonl)", required=True),
+    Setting("resolution", "data", "int", 0, "square training size in pixels (0 = 512 SD1.5, 1024 SDXL)", minimum=0),
+    Setting("caption_dropout", "data", "float", 0.05, "probability of training a sample with an empty caption", minimum=0, maximum=1),
+    Setting("aesthetic_dropout", "data", "float", 0.0, "probability of replacing a sample's labels by all-inferior", minimum=0, maximum=1),
+    Setting("cache_latents", "data", "bool", True, "VAE-encode every image once and reuse the latents"),
+    Setting("cache_dir", "data", "path", "", "where cached latents go (default: <output_dir>/cache)"),
+    Setting("skip_bad", "data", "bool", False, "train without the images the dataset check lists (printed), instead of stopping"),
+    # train
+    Setting("output_dir", "train", "path", "", "folder for adapters, LoRA, state, logs and previews", required=True),
+    Setting("name", "train", "str", "vmix", "file name stem of the outputs"),
+    Setting("max_steps", "train", "int", 1000, "optimiser steps to train", minimum=1),
+    Setting("batch_size", "train", "int", 1, "images per micro-batch", minimum=1),
+    Setting("grad_accum", "train", "int", 1, "micro-batches per optimiser step (effective batch = batch_size x grad_accum)", minimum=1),
+    Setting("lr", "train", "float", 0.0, "AdamW learning rate (0 = 1e-4 SD1.5, 1e-5 SDXL)", minimum=0),
+    Setting("weight_decay", "train", "float", 0.01, "AdamW weight decay", minimum=0),
+    Setting("warmup_steps", "train", "int", 0, "linear learning-rate warm-up steps", minimum=0),
+    Setting("max_grad_norm", "train", "float", 1.0, "gradient clipping norm (0 = off)", minimum=0),
+    Setting("mixed_precision", "train", "choice", "auto", "autocast precision on CUDA (auto = bf16 if supported, else fp16; CPU: no)",
+            ("auto", "no", "fp16", "bf16")),
+    Setting("gradient_checkpointing", "train", "bool", False, "recompute UNet activations in the backward pass (less memory, slower)"),
+    Setting("seed", "train", "int", 0, "seed for data order, noise, timesteps and dropout"),
+    Setting("device", "train", "str", "auto", "torch device (auto = cuda if available, else cpu)"),
+    Setting("save_every", "train", "int", 500, "save adapter (+LoRA, +resume state) every N steps (0 = only at the end)", minimum=0),
+    Setting("save_precision", "train", "choice", "fp16", "precision of W_a and LoRA in saved files", ("fp32", "fp16", "bf16")),
+    Setting("resume", "train", "str", "", "resume from a .state.pt file, or 'latest' in output_dir"),
+    # lora
+    Setting("lora_rank", "lora", "int", 0, "LoRA rank on the UNet's attention layers (0 = no LoRA)", minimum=0),
+    Setting("lora_alpha", "lora", "float", 0.0, "LoRA alpha (0 = rank; scale = alpha / rank)", minimum=0),
+    Setting("lora_targets", "lora", "choice", "attention", "attention: q/k/v/out of attn1+attn2; transformer: every linear layer of the transformer blocks",
+            ("attention", "transformer")),
+    Setting("lora_conv_rank", "lora", "int", 0, "LoRA rank on ResNet and sampler convolutions (0 = none)", minimum=0),
+    Setting("lora_conv_alpha", "lora", "float", 0.0, "alpha of the convolution LoRA (0 = its rank)", minimum=0),
+    # preview
+    Setting("preview_every", "preview", "int", 500, "write a lambda-sweep grid every N steps and at the end (0 = never)", minimum=0),
+    Setting("preview_prompts", "preview", "strs", [], "prompts of the preview rows (default: the first two captions)"),
+    Setting("preview_lambdas", "preview", "floats", [0.0, 0.5, 1.0, 1.5, 2.0], "lambda of each preview column"),
+    Setting("preview_steps", "preview", "int", 20, "DDIM steps per preview image", minimum=1),
+    Setting("preview_cfg", "preview", "float", 7.5, "classifier-free guidance scale of the previews", minimum=0),
+    Setting("preview_seed", "preview", "int", 0, "seed of the preview noise"),
+    Setting("preview_resolution", "preview", "int", 0, "preview size in pixels (0 = training resolution)", minimum=0),
+)
+BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
+SECTIONS = ("model", "data", "train", "lora", "preview")
+FLAG_NAMES = {"preview_prompts": "--preview-prompt"}  # repeated flag, one prompt each
+
+
+class TrainConfig:
+    """Resolved settings (attribute access) plus the aesthetic dimensions."""
+
+    def __init__(self, values: Dict[str, Any], dimensions: Sequence[AestheticDimension], source: Optional[str] = None):
+        self.values = dict(values)
+        self.dimensions = list(dimensions)
+        self.source = source
+
+    def __getattr__(self, name: str):
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def family_default(self, name: str, family: str):
+        value = self.values[name]
+        return value if value else FAMILY_DEFAULTS[family][name]
+
+    def to_json(self) -> Dict[str, Any]:
+        out = {section: {} for section in SECTIONS}
+        for s in SETTINGS:
+            out[s.section][s.name] = self.values[s.name]
+        out["dimensions"] = [d.to_json() for d in self.dimensions]
+        return out
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(BY_NAME) + ["dimensions"], n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The file's raw mapping (TOML, JSON or YAML by extension)."""
+    if not os.path.isfile(path):
+        raise TrainError(f"config file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            import tomllib
+
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif ext == ".json":
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        elif ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise TrainError(f"config file {path} is YAML, but PyYAML is not installed; pip install pyyaml or use TOML") from None
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f) or {}
+        else:
+            raise TrainError(f"config file {path} must end in .toml, .json, .yaml or .yml")
+    except TrainError:
+        raise
+    except Exception as e:  # tomllib/json/yaml errors carry line numbers in their text
+        raise TrainError(f"config file {path} cannot be parsed ({e})") from None
+    if not isinstance(data, dict):
+        raise TrainError(f"config file {path} must hold a table of settings at the top level")
+    return data
+
+
+def _coerce(setting: Setting, value: Any, where: str, base_dir: Optional[str]) -> Any:
+    what = f"{setting.name} in {where}"
+    kind = setting.kind
+    if kind in ("str", "path", "choice"):
+        if not isinstance(value, str):
+            raise TrainError(f"{what} must be a string, got {value!r}")
+        if kind == "choice" and value not in setting.choices:
+            raise TrainError(f"{what} must be one of {', '.join(setting.choices)}, got {value!r}")
+        if kind == "path" and value and base_dir is not None:
+            value = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise TrainError(f"{what} must be true or false, got {value!r}")
+        return value
+    if kind in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not float(value).is_integer()):
+            raise TrainError(f"{what} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        value = int(value) if kind == "int" else float(value)
+        if value != value:  # NaN
+            raise TrainError(f"{what} must be a number, got {value!r}")
+        if setting.minimum is not None and value < setting.minimum:
+            raise TrainError(f"{what} must be at least {setting.minimum:g}, got {value:g}")
+        if setting.maximum is not None and value > setting.maximum:
+            raise TrainError(f"{what} must be at most {setting.maximum:g}, got {value:g}")
+        return value
+    if kind == "floats":
+        if not isinstance(value, list) or not value or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise TrainError(f"{what} must be a non-empty list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if kind == "strs":
+        if not isinstance(value, list) or any(not isinstance(v, str) or not v.strip() for v in value):
+            raise TrainError(f"{what} must be a list of non-empty strings, got {value!r}")
+        return list(value)
+    raise AssertionError(kind)
+
+
+def _parse_dimensions(raw: Any, where: str) -> List[AestheticDimension]:
+    defaults = {d.name: d for d in DEFAULT_DIMENSIONS}
+    if not isinstance(raw, list) or not raw:
+        raise TrainError(f"dimensions in {where} must be a non-empty list")
+    dims = []
+    for i, item in enumerate(raw, 1):
+        if isinstance(item, str):
+            if item not in defaults:
+                raise TrainError(
+                    f"dimension {item!r} in {where} is not a built-in one ({', '.join(defaults)}); "
+                    "give it as a table with name, positive and negative"
+                )
+            dims.append(defaults[item])
+        elif isinstance(item, dict) and set(item) == {"name", "positive", "negative"} and all(isinstance(v, str) for v in item.values()):
+            dims.append(AestheticDimension(item["name"], item["positive"], item["negative"]))
+        else:
+            raise TrainError(f"dimension {i} in {where} must be a built-in name or a table with name, positive and negative strings")
+    problem = check_dimensions(dims)
+    if problem:
+        raise TrainError(f"the dimensions in {where}: {problem}")
+    return dims
+
+
+def settings_from_mapping(data: Dict[str, Any], where: str, base_dir: Optional[str]) -> Tuple[Dict[str, Any], Optional[List[AestheticDimension]]]:
+    """Validated {setting: value} and dimensions (None if absent) from a config mapping."""
+    values: Dict[str, Any] = {}
+    dims = None
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, inner_value in value.items():
+                setting = BY_NAME.get(inner)
+                if setting is None:
+                    raise TrainError(f"unknown setting {inner!r} in [{key}] of {where}{_suggest(inner)}")
+                if setting.section != key:
+                    raise TrainError(f"setting {inner!r} belongs in [{setting.section}], not [{key}], in {where}")
+                values[inner] = _coerce(setting, inner_value, where, base_dir)
+        elif key == "dimensions":
+            dims = _parse_dimensions(value, where)
+        elif key in BY_NAME:
+            values[key] = _coerce(BY_NAME[key], value, where, base_dir)
+        else:
+            raise TrainError(f"unknown setting {key!r} in {where}{_suggest(key)}")
+    return values, dims
+
+
+def _flag(setting: Setting) -> str:
+    return FLAG_NAMES.get(setting.name, "--" + setting.name.replace("_", "-"))
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vmix_lib.train",
+        description="Train a VMix aesthetics adapter (and optionally a LoRA) for an SD1.5 or SDXL checkpoint, offline.",
+        epilog="Settings come from --config (TOML, JSON or YAML); any flag overrides the file.",
+    )
+    parser.add_argument("--config", help="config file (.toml, .json, .yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="check the config, dataset and checkpoint, then stop")
+    groups = {s: parser.add_argument_group(s) for s in SECTIONS}
+    for s in SETTINGS:
+        flag = _flag(s)
+        kwargs: Dict[str, Any] = {"dest": s.name, "default": None, "help": s.help}
+        if s.kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif s.kind == "int":
+            kwargs["type"] = int
+        elif s.kind == "float":
+            kwargs["type"] = float
+        elif s.kind == "floats":
+            kwargs["type"] = _floats
+            kwargs["metavar"] = "A,B,..."
+        elif s.kind == "strs":
+            kwargs["action"] = "append"
+            kwargs["metavar"] = "PROMPT"
+        elif s.kind == "choice":
+            kwargs["choices"] = s.choices
+        groups[s.section].add_argument(flag, **kwargs)
+    return parser
+
+
+def resolve_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, argparse.Namespace]:
+    """Parse flags, read the config file, validate; raises TrainError with one sentence."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in SETTINGS}
+    dims: List[AestheticDimension] = list(DEFAULT_DIMENSIONS)
+    source = None
+    if args.config:
+        source = os.path.abspath(args.config)
+        file_values, file_dims = settings_from_mapping(read_config_file(source), args.config, os.path.dirname(source))
+        values.update(file_values)
+        dims = file_dims or dims
+    for s in SETTINGS:
+        flag_value = getattr(args, s.name)
+        if flag_value is not None:
+            values[s.name] = _coerce(s, flag_value, _flag(s), os.getcwd() if s.kind == "path" else None)
+    for s in SETTINGS:
+        if s.required and not values[s.name]:
+            raise TrainError(f"no {s.name} given; set {s.name} in the config file or pass {_flag(s)}")
+    name = values["name"]
+    if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
+        raise TrainError(f"name {name!r} cannot be used as a file name stem")
+    if values["resolution"] % 8 or values["preview_resolution"] % 8:
+        raise TrainError("resolution and preview_resolution must be multiples of 8 (the VAE downsamples by 8)")
+    return TrainConfig(values, dims, source), args

@@ -1,0 +1,140 @@
+"""λ-sweep preview grids during training: DDIM with classifier-free guidance, adapter hooked.
+
+One row per prompt, one column per λ (the paper's Fig. 7 sweep: 0 = the base model, 1 = training
+strength, above 1 = stronger aesthetics), all with the same starting noise and all aesthetic labels
+positive (the paper's inference default).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..hook import ValueMixer
+
+EncodeFn = Callable[[Sequence[str]], Tuple[torch.Tensor, Optional[Dict[str, torch.Tensor]]]]
+DecodeFn = Callable[[torch.Tensor], torch.Tensor]  # latents -> images [B, 3, H, W] in [-1, 1]
+
+
+def ddim_timesteps(steps: int, train_steps: int = 1000, offset: int = 1) -> List[int]:
+    """'leading' spacing with steps_offset 1, as SD's DDIM scheduler config."""
+    ratio = train_steps // steps
+    return [min(i * ratio + offset, train_steps - 1) for i in range(steps)][::-1]
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet_forward,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    steps: int = 20,
+    cfg: float = 7.5,
+    prediction: str = "epsilon",
+    added_cond: Optional[Dict[str, torch.Tensor]] = None,
+    added_uncond: Optional[Dict[str, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Deterministic DDIM (η = 0) with CFG; ``unet_forward(x, t, context, added)`` as in loop.py."""
+    acp = alphas_cumprod.to(noise.device, torch.float32)
+    x = noise.float()
+    times = ddim_timesteps(steps, acp.shape[0])
+    context = torch.cat([uncond, cond])
+    added = None
+    if added_cond is not None:
+        added = {k: torch.cat([added_uncond[k], added_cond[k]]) for k in added_cond}
+    for i, t in enumerate(times):
+        a_t = acp[t]
+        a_prev = acp[times[i + 1]] if i + 1 < len(times) else acp[0]
+        tt = torch.full((2 * x.shape[0],), t, device=x.device, dtype=torch.long)
+        out = unet_forward(torch.cat([x, x]).to(context.dtype), tt, context, added).float()
+        out_u, out_c = out.chunk(2)
+        out = out_u + cfg * (out_c - out_u)
+        if prediction == "v_prediction":
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+        else:
+            eps = out
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    return x
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def make_grid(rows: List[List], col_labels: Sequence[str], title: str = "", min_tile: int = 128):
+    """Paste PIL tiles into one image: a title line, a line of column labels, then the rows.
+
+    Tiles smaller than ``min_tile`` are enlarged (nearest neighbour) so that small previews stay legible.
+    """
+    from PIL import Image, ImageDraw
+
+    tile_w, tile_h = rows[0][0].size
+    zoom = max(1, -(-min_tile // max(tile_w, 1)))
+    tile_w, tile_h = tile_w * zoom, tile_h * zoom
+    header = 34
+    grid = Image.new("RGB", (tile_w * len(rows[0]), tile_h * len(rows) + header), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((4, 3), title, fill=(60, 60, 60))
+    for c, label in enumerate(col_labels):
+        draw.text((c * tile_w + 4, 19), label, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            if zoom > 1:
+                tile = tile.resize((tile_w, tile_h), Image.NEAREST)
+            grid.paste(tile, (c * tile_w, header + r * tile_h))
+    return grid
+
+
+@torch.no_grad()
+def lambda_sweep(
+    mixer: ValueMixer,
+    unet_forward,
+    encode: EncodeFn,
+    decode: DecodeFn,
+    prompts: Sequence[str],
+    lambdas: Sequence[float],
+    latent_shape: Tuple[int, int, int],
+    alphas_cumprod: torch.Tensor,
+    steps: int = 20,
+    cfg: float = 7.5,
+    prediction: str = "epsilon",
+    seed: int = 0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    autocast=None,
+    title: str = "",
+):
+    """Grid image of ``prompts`` × ``lambdas``; restores the mixer's strength afterwards.
+
+    Uses all-positive aesthetic labels and no negative prompt (empty-prompt unconditional), as the
+    paper's evaluation does.
+    """
+    import contextlib
+
+    saved_strength = mixer.strength
+    cond, added_c = encode(list(prompts))
+    uncond, added_u = encode([""] * len(prompts))
+    device = device or cond.device
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    noise = torch.randn((len(prompts), *latent_shape), generator=generator).to(device)
+    columns = []
+    try:
+        mixer.set_alphas(None)  # all dimensions positive
+        for lam in lambdas:
+            mixer.strength = float(lam)
+            with autocast() if autocast else contextlib.nullcontext():
+                latents = ddim_sample(
+                    unet_forward, noise, cond.to(device, dtype), uncond.to(device, dtype), alphas_cumprod, steps, cfg,
+                    prediction, added_c, added_u,
+                )
+            columns.append(decode(latents))
+    finally:
+        mixer.strength = saved_strength  # the next training step sets its own per-row f_a
+    rows = [[_to_pil(columns[c][r]) for c in range(len(lambdas))] for r in range(len(prompts))]
+    return make_grid(rows, [f"lambda {lam:g}" for lam in lambdas], title)

@@ -1,0 +1,232 @@
+"""The running WebUI (AUTOMATIC1111 1.6-1.10 or Forge): model lookups, settings, folder, callbacks.
+
+The only module of vmix_lib that imports the WebUI's ``modules`` (inside functions, so importing it
+without a WebUI fails only when something is actually asked of it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Callable, Optional
+
+from ..layers import FamilyReport, detect_family, find_cross_attention_layers
+from .runner import ON_MISMATCH_SKIP, ON_MISMATCH_STOP, RunnerOptions
+
+SECTION = ("vmix", "VMix")
+OPT_FOLDER = "vmix_model_dir"
+OPT_STRENGTH = "vmix_default_strength"
+OPT_UNCOND = "vmix_uncond_default"
+OPT_MISMATCH = "vmix_on_mismatch"
+MISMATCH_CHOICES = {
+    "Run without VMix and say so in the infotext": ON_MISMATCH_SKIP,
+    "Stop the job with an error": ON_MISMATCH_STOP,
+}
+DEFAULT_MISMATCH = next(iter(MISMATCH_CHOICES))
+FOLDER_NAME = "VMix"
+
+
+# ---------------------------------------------------------------- detection
+
+
+def _find_spec(name: str) -> bool:
+    try:  # a dotted find_spec imports the parents and raises when one is missing
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError, AttributeError):
+        return False
+
+
+def webui_kind() -> str:
+    """"forge" (current Forge, new backend), "forge-ldm_patched" (old Forge, reForge, Classic) or "a1111"."""
+    if not _find_spec("modules_forge"):
+        return "a1111"
+    if _find_spec("backend.patcher.unet"):
+        return "forge"
+    return "forge-ldm_patched"
+
+
+def startup_notice() -> Optional[str]:
+    if webui_kind() == "forge-ldm_patched":
+        return ("this Forge variant uses the older ldm_patched backend (old Forge, reForge, Forge Classic). "
+                "VMix uses the same patch points there but is tested on current Forge and on AUTOMATIC1111 1.6-1.10.")
+    return None
+
+
+# ---------------------------------------------------------------- settings and folder
+
+
+def opt(name: str, default: Any) -> Any:
+    try:
+        from modules import shared
+
+        value = getattr(shared.opts, name, default)
+        return default if value is None else value
+    except Exception:
+        return default
+
+
+def runner_options() -> RunnerOptions:
+    try:
+        strength = min(max(float(opt(OPT_STRENGTH, 1.0)), 0.0), 3.0)
+    except (TypeError, ValueError):
+        strength = 1.0
+    return RunnerOptions(
+        default_strength=strength,
+        uncond_default=bool(opt(OPT_UNCOND, True)),
+        on_mismatch=MISMATCH_CHOICES.get(opt(OPT_MISMATCH, DEFAULT_MISMATCH), ON_MISMATCH_SKIP),
+    )
+
+
+def default_folder() -> Optional[str]:
+    try:
+        from modules.paths import models_path
+    except ImportError:  # not inside a WebUI
+        return None
+    return os.path.join(models_path, FOLDER_NAME)
+
+
+def adapter_folder() -> Optional[str]:
+    """--vmix-dir, else Settings > VMix > folder, else models/VMix (created when missing); None
+    outside a WebUI."""
+    try:
+        from modules import shared
+
+        cmd = getattr(shared.cmd_opts, "vmix_dir", None)
+    except Exception:
+        cmd = None
+    if cmd:
+        return os.path.abspath(os.path.expanduser(cmd))
+    configured = str(opt(OPT_FOLDER, "") or "").strip()
+    if configured:
+        return os.path.abspath(os.path.expanduser(configured))
+    folder = default_folder()
+    if folder is not None and not os.path.isdir(folder):
+        try:
+            os.makedirs(folder, exist_ok=True)  # so users see where adapters go
+        except OSError:
+            pass
+    return folder
+
+
+def sha256(path: str, title: str) -> Optional[str]:
+    """The WebUI's cached file hash (cache.json; None with --no-hashing)."""
+    from modules import hashes
+
+    return hashes.sha256(path, title)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _diffusion_model(sd_model) -> Any:
+    if sd_model is None:
+        return None
+    forge_objects = getattr(sd_model, "forge_objects", None)
+    if forge_objects is not None:
+        return getattr(getattr(getattr(forge_objects, "unet", None), "model", None), "diffusion_model", None)
+    return getattr(getattr(sd_model, "model", None), "diffusion_model", None)
+
+
+def loaded_model():
+    """The loaded checkpoint, without triggering a load (shared.sd_model would load one)."""
+    try:
+        from modules import sd_models
+
+        return getattr(sd_models.model_data, "sd_model", None)
+    except Exception:
+        return None
+
+
+def loaded_model_report() -> Optional[FamilyReport]:
+    """What the loaded checkpoint is, for the info line; None when none is loaded."""
+    unet = _diffusion_model(loaded_model())
+    if unet is None:
+        return None
+    try:
+        return detect_family(find_cross_attention_layers(unet))
+    except Exception:
+        return None
+
+
+def job_key_of(state) -> tuple:
+    """Identifies the running WebUI job.  state.job_timestamp is set once by state.begin(); state.job
+    is "" between jobs (state.end(), call_queue) and its text changes during one ("Batch 2 out of 4",
+    X/Y/Z cells, batch img2img), so only whether it is empty counts."""
+    return (bool(state.job), state.job_timestamp)
+
+
+class WebUIHost:
+    """vmix_lib.webui.lifecycle.Host for the running WebUI."""
+
+    _shared = None
+
+    def job_key(self):
+        # Called by every hooked layer's guard: keep it to two attribute reads.
+        shared = WebUIHost._shared
+        if shared is None:
+            from modules import shared
+
+            WebUIHost._shared = shared
+        return job_key_of(shared.state)
+
+    def unet_of(self, p):
+        return _diffusion_model(p.sd_model)
+
+    def patcher_of(self, p):
+        forge_objects = getattr(p.sd_model, "forge_objects", None)
+        return getattr(forge_objects, "unet", None) if forge_objects is not None else None
+
+    def set_patcher(self, p, patcher) -> None:
+        p.sd_model.forge_objects.unet = patcher
+
+    def current_unet(self):
+        return _diffusion_model(loaded_model())
+
+    def current_patcher(self):
+        forge_objects = getattr(loaded_model(), "forge_objects", None)
+        return getattr(forge_objects, "unet", None) if forge_objects is not None else None
+
+    def warn(self, message: str) -> None:
+        print(f"[VMix] {message.removeprefix('VMix: ')}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- callbacks and settings
+
+
+def register_callbacks(on_cfg_denoiser: Callable, on_unloaded: Callable, on_ui_settings: Callable,
+                       on_before_ui: Optional[Callable] = None) -> None:
+    """Register each callback once: the WebUI clears its lists on "Reload UI" and the script file
+    registers again, while vmix_lib stays imported, so remove an earlier registration first."""
+    from modules import script_callbacks
+
+    pairs = [(script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
+             (script_callbacks.on_script_unloaded, on_unloaded),
+             (script_callbacks.on_ui_settings, on_ui_settings)]
+    if on_before_ui is not None:
+        pairs.append((script_callbacks.on_before_ui, on_before_ui))
+    for register, fn in pairs:
+        script_callbacks.remove_callbacks_for_function(fn)
+        register(fn)
+
+
+def add_settings() -> None:
+    import gradio as gr
+    from modules import shared
+
+    def add(key, info):
+        info.section = SECTION
+        shared.opts.add_option(key, info)
+
+    add(OPT_FOLDER, shared.OptionInfo(
+        "", "Folder with VMix adapters (empty: models/VMix; the --vmix-dir command-line option wins over this)",
+    ))
+    add(OPT_STRENGTH, shared.OptionInfo(
+        1.0, "Default strength λ", gr.Slider, {"minimum": 0.0, "maximum": 3.0, "step": 0.05},
+    ).needs_reload_ui())
+    add(OPT_UNCOND, shared.OptionInfo(
+        True, "Apply VMix to the unconditional (negative) pass by default",
+    ).needs_reload_ui())
+    add(OPT_MISMATCH, shared.OptionInfo(
+        DEFAULT_MISMATCH, "When the adapter cannot be applied (wrong model family, missing or malformed file)",
+        gr.Radio, {"choices": list(MISMATCH_CHOICES)},
+    ))

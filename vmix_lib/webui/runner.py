@@ -1,0 +1,166 @@
+"""What the VMix script does for one generation, independent of which WebUI runs it.
+
+``process`` resolves the settings (UI/API arguments, then X/Y/Z overrides), loads the adapter,
+checks that it fits the loaded model, writes the infotext and hands a ValueMixer to the lifecycle
+controller.  Nothing here raises into the WebUI's script runner (which would print a traceback and
+carry on): problems end as one of
+
+    skip   the job runs without VMix; one console warning; infotext "VMix: skipped (<reason>)"
+           (no adapter installed, a malformed adapter file, an adapter for another model family)
+    stop   the job stops at its first UNet call with VMixError(<one sentence>)
+           (invalid arguments: unknown or unsafe adapter names, out-of-range values, bad block
+           weights; and the "skip" cases when Settings > VMix says to stop on a mismatch)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from .. import __version__
+from ..adapter_file import AdapterError
+from ..dimensions import resolve_alphas
+from ..hook import ValueMixer, check_fit
+from ..layers import FAMILY_TITLES, find_cross_attention_layers
+from . import infotext
+from .arguments import ArgumentDefaults, VMixArgumentError, VMixSettings, apply_overrides, parse_script_args
+from .blocks import parse_block_weights
+from .library import AdapterLibrary
+from .lifecycle import Generation, Host, LifecycleController
+
+ON_MISMATCH_SKIP = "skip"
+ON_MISMATCH_STOP = "stop"
+OVERRIDES_ATTR = "vmix_overrides"
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """Settings > VMix, as the runner needs them."""
+
+    default_strength: float = 1.0
+    uncond_default: bool = True
+    on_mismatch: str = ON_MISMATCH_SKIP
+
+
+class CannotApply(Exception):
+    """The adapter cannot be applied to this job (missing, malformed, wrong model family)."""
+
+
+@dataclass
+class Prepared:
+    mixer: Optional[ValueMixer]
+    adapter_name: Optional[str]
+    short_hash: Optional[str]
+    alphas: dict
+    dimension_names: Sequence[str]
+
+
+class VMixRunner:
+    def __init__(self, host: Host, library: AdapterLibrary, options: Callable[[], RunnerOptions] = RunnerOptions,
+                 version: str = __version__):
+        self.host = host
+        self.library = library
+        self.options = options
+        self.version = version
+        self.controller = LifecycleController(host)
+
+    # -- script hooks -----------------------------------------------------------------------
+    def process(self, p, args: Sequence) -> None:
+        gen = self.controller.begin(p)
+        infotext.clear(gen.params)
+        try:
+            options = self.options()
+        except Exception:
+            options = RunnerOptions()
+        try:
+            settings = parse_script_args(args, ArgumentDefaults(options.default_strength, options.uncond_default))
+            settings = apply_overrides(settings, getattr(p, OVERRIDES_ATTR, None))
+        except VMixArgumentError as e:
+            return self._stop(gen, str(e))
+        if not settings.enabled:
+            return
+        partial = Prepared(None, settings.adapter, None, {}, ())
+        try:
+            prepared = self._prepare(p, settings, partial)
+        except VMixArgumentError as e:
+            return self._stop(gen, str(e))
+        except CannotApply as e:
+            return self._cannot_apply(gen, settings, partial, str(e), options)
+        except Exception as e:  # a bug of ours: say so once, run the job without VMix
+            return self._cannot_apply(gen, settings, partial, f"unexpected error {type(e).__name__}: {e}",
+                                      RunnerOptions(on_mismatch=ON_MISMATCH_SKIP))
+        gen.params.update(infotext.build(
+            settings, adapter_name=prepared.adapter_name, short_hash=prepared.short_hash, alphas=prepared.alphas,
+            dimension_names=prepared.dimension_names, version=self.version,
+        ))
+        self.controller.activate(gen, prepared.mixer, settings.start, settings.end, settings.uncond)
+
+    def before_sampling(self, p) -> None:
+        self.controller.ensure_installed(p)
+
+    def postprocess(self, p) -> None:
+        self.controller.end(p)
+
+    def on_cfg_denoiser(self, params) -> None:
+        self.controller.on_cfg_denoiser(params)
+
+    def shutdown(self) -> None:
+        self.controller.shutdown()
+
+    # -- the decision -----------------------------------------------------------------------
+    def _prepare(self, p, settings: VMixSettings, partial: Prepared) -> Prepared:
+        name = settings.adapter
+        if name is None:
+            name = self.library.default_name()
+            if name is None:
+                raise CannotApply(self.library.no_adapter_message())
+        try:
+            name = self.library.validate(name)
+        except ValueError as e:
+            raise VMixArgumentError(str(e)) from None
+        partial.adapter_name = name
+        try:
+            adapter = self.library.load(name)
+        except AdapterError as e:
+            raise CannotApply(str(e).rstrip(".")) from None
+        names = adapter.dimension_names
+        alphas = settings.alphas_for(names)
+        try:
+            resolve_alphas(adapter.dimensions, alphas)
+        except ValueError as e:
+            raise VMixArgumentError(f"VMix dimensions: {e}.") from None
+        partial.alphas, partial.dimension_names = alphas, names
+        partial.short_hash = self._hash(name)
+        title = FAMILY_TITLES.get(adapter.family, adapter.family)
+        try:
+            layer_strengths = parse_block_weights(settings.block_weights, adapter.layer_names, title)
+        except ValueError as e:
+            raise VMixArgumentError(str(e)) from None
+        unet = self.host.unet_of(p)
+        layers = find_cross_attention_layers(unet) if unet is not None else []
+        report = check_fit(adapter, layers)
+        if not report.ok:
+            raise CannotApply(report.reason(adapter))
+        mixer = ValueMixer(adapter, settings.strength, alphas, layer_strengths)
+        return Prepared(mixer, name, partial.short_hash, alphas, names)
+
+    def _hash(self, name: str) -> Optional[str]:
+        try:
+            return self.library.short_hash(name)
+        except Exception:  # unreadable file, hashing off: the infotext simply has no hash
+            return None
+
+    def _stop(self, gen: Generation, message: str, said_stopped: bool = False) -> None:
+        self.host.warn(message if said_stopped else f"{message} The job is stopped.")
+        self.controller.fail(gen, message)
+
+    def _cannot_apply(self, gen: Generation, settings: VMixSettings, partial: Prepared, reason: str,
+                      options: RunnerOptions) -> None:
+        if options.on_mismatch == ON_MISMATCH_STOP:
+            return self._stop(gen, f"VMix: {reason}; the job was stopped because Settings > VMix is set to stop "
+                                   "when VMix cannot be applied. Pick a matching adapter or turn VMix off.",
+                              said_stopped=True)
+        self.host.warn(f"VMix skipped: {reason}.")
+        gen.params.update(infotext.build(
+            settings, adapter_name=partial.adapter_name, short_hash=partial.short_hash, alphas=partial.alphas,
+            dimension_names=partial.dimension_names, version=self.version, skipped=reason,
+        ))

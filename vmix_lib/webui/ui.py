@@ -1,0 +1,68 @@
+"""The VMix accordion for txt2img and img2img (gradio 3.41 in A1111, gradio 4.40 in Forge).
+
+Only APIs both have: InputAccordion used as a context manager (a class in A1111, a factory
+function in Forge: never subclassed nor used with isinstance), create_refresh_button, gr.update,
+no ``.style()``.  ``build`` has no side effects: the WebUI calls ``ui()`` again for API defaults.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import gradio as gr
+
+from ..layers import FamilyReport
+from . import infotext, panel
+from .arguments import MAX_DIMENSION_SLOTS
+from .library import AdapterLibrary
+from .runner import RunnerOptions
+
+
+def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[FamilyReport]],
+          options: RunnerOptions) -> List[gr.components.Component]:
+    from modules.ui_common import create_refresh_button
+    from modules.ui_components import InputAccordion
+
+    names = library.names()
+    selected = names[0] if names else None
+    updates = panel.slider_updates(panel.dimensions_of(library, selected))
+
+    with InputAccordion(False, label="VMix", elem_id=script.elem_id("enabled")) as enabled:
+        with gr.Row(elem_classes=["vmix-adapter-row"]):
+            adapter = gr.Dropdown(label="Adapter", choices=names, value=selected, allow_custom_value=True,
+                                  elem_id=script.elem_id("adapter"))
+            refresh = create_refresh_button(adapter, library.refresh, lambda: {"choices": library.names()},
+                                            script.elem_id("refresh"))
+        info = gr.HTML(value=panel.info_html(library, selected, model_report()), elem_id=script.elem_id("info"))
+        strength = gr.Slider(label="Strength λ", minimum=0.0, maximum=3.0, step=0.05,
+                             value=float(options.default_strength), elem_id=script.elem_id("strength"))
+        alphas = []
+        with gr.Row(elem_classes=["vmix-dimensions"]):
+            for i, update in enumerate(updates):
+                alphas.append(gr.Slider(minimum=0.0, maximum=1.0, step=0.05, value=1.0,
+                                        elem_id=script.elem_id(f"alpha_{i + 1}"), **update))
+        with gr.Row():
+            start = gr.Slider(label="Start (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01, value=0.0,
+                              elem_id=script.elem_id("start"))
+            end = gr.Slider(label="End (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01, value=1.0,
+                            elem_id=script.elem_id("end"))
+        uncond = gr.Checkbox(label="Apply to the unconditional (negative) pass", value=bool(options.uncond_default),
+                             elem_id=script.elem_id("uncond"))
+        block_weights = gr.Textbox(label="Block weights", value="", lines=1, max_lines=1,
+                                   placeholder="empty = 1 everywhere; e.g. IN:1, MID:0.5, OUT:1 or OUT3:0, 5:0.5",
+                                   elem_id=script.elem_id("block_weights"))
+
+    def on_adapter(name):
+        dims = panel.dimensions_of(library, name)
+        return [panel.info_html(library, name, model_report()),
+                *[gr.update(**u) for u in panel.slider_updates(dims)]]
+
+    adapter.change(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
+    refresh.click(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
+
+    controls = [enabled, adapter, strength, *alphas, start, end, uncond, block_weights]
+    assert len(controls) == 3 + MAX_DIMENSION_SLOTS + 4
+    # Shared module-level paste functions: the same objects in both tabs, so "Send to" (which
+    # copies the fields whose target is in paste_field_names) pairs txt2img's and img2img's controls.
+    script.infotext_fields = list(zip(controls, infotext.PASTE_FUNCTIONS))
+    script.paste_field_names = list(infotext.PASTE_FUNCTIONS)
+    return controls
