@@ -69,6 +69,15 @@ def assert_outputs_equal(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_the_test_kernels_compute_attention(webui):
+    """The four kernels differ in how they split the work, not in the result."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, n, 64, generator=g) for n in (20, 154, 154))
+    reference = webui.kernels["naive"](q, k, v, 4, 0.25)
+    for name, kernel in webui.kernels.items():
+        torch.testing.assert_close(kernel(q, k, v, 4, 0.25), reference, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("kernel", ["naive", "sdp", "sliced", "key_chunked"])
 @pytest.mark.parametrize("family,tokens", [("sd15", 77), ("sd15", 154), ("sdxl", 154), ("sdxl", 231)])
 def test_hook_equals_two_branch_reference(trees, webui, monkeypatch, kernel, family, tokens):
@@ -409,3 +418,33 @@ def test_diffusers_unet_hook_equals_two_branch(tiny_unet):
         with ValueMixer(fresh).applied(unet):
             assert torch.equal(unet(latent, 10, encoder_hidden_states=context).sample, plain)
     assert no_hooks(unet)
+
+
+def test_training_through_the_hook_survives_gradient_checkpointing():
+    # A cached V_a would be missing from checkpointing's recomputed forward (CheckpointError).
+    from diffusers import UNet2DConditionModel
+
+    from vmix_lib.mixing import VMixAdapter
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), norm_num_groups=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8, attention_head_dim=2,
+        layers_per_block=1, sample_size=8,
+    ).requires_grad_(False)
+    adapter = VMixAdapter.for_unet(unet, torch.randn(12, 8), family="sd15")
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 8)
+    grads = []
+    for checkpointing in (False, True):
+        unet.train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        adapter.zero_grad()
+        mixer = ValueMixer(adapter, strict=True)
+        with mixer.applied(unet):
+            labels = torch.tensor([[1.0] * 6, [0.0] * 6])
+            mixer.set_aesthetic_context(adapter.aesthetic_context(adapter.label_input(labels)))
+            unet(x, 1, context).sample.square().mean().backward()
+        grads.append(adapter.projection.out.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -39,6 +39,19 @@ def test_lists_only_safetensors_files_in_the_folder(folder):
     assert AdapterLibrary(lambda: str(folder / "missing")).names() == []
 
 
+def test_default_name_skips_files_that_are_not_adapters(folder):
+    # In the real A1111 a LoRA-like file sorting first was preselected in the panel, which then
+    # showed only its error and hid the α sliders.
+    lib = AdapterLibrary(lambda: str(folder))
+    (folder / "a_lora.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    (folder / "Aa_cut.safetensors").write_bytes((folder / "alpha.safetensors").read_bytes()[:500])
+    assert lib.names()[:3] == ["a_lora", "Aa_cut", "alpha"]
+    assert lib.default_name() == "alpha"
+    for name in ("alpha", "Beta"):
+        os.remove(folder / f"{name}.safetensors")
+    assert lib.default_name() == "a_lora"  # none reads: the first, whose problem the panel then shows
+
+
 def test_validate_returns_the_installed_name(folder):
     lib = AdapterLibrary(lambda: str(folder))
     assert lib.validate("alpha") == "alpha"

@@ -159,9 +159,12 @@ def test_malformed_file_skips_with_the_files_problem(library, meta_models):
     assert len(host.warnings) == 1
 
 
-def test_dict_without_adapter_uses_the_first_installed(library, meta_models):
+def test_dict_without_adapter_uses_the_first_readable_adapter(library, meta_models):
     runner, host, p = run(library, A1111Model(meta_models["sd15"]), [{"strength": 0.5}])
-    assert p.extra_generation_params["VMix adapter"].startswith("broken")  # "broken" sorts first
+    # "broken" sorts first but is no adapter (found in the real A1111 with a LoRA in models/VMix)
+    assert p.extra_generation_params["VMix"] == "True"
+    assert p.extra_generation_params["VMix adapter"].startswith("sd15_style (")
+    runner.postprocess(p)
     runner, host, p = run(AdapterLibrary(lambda: library.folder() + "_none"), A1111Model(meta_models["sd15"]), [{}])
     assert p.extra_generation_params["VMix"].startswith("skipped (no VMix adapter is installed")
 
@@ -193,3 +196,63 @@ def test_end_to_end_with_a_real_adapter_file(library, folder, webui):
     assert torch.allclose(to_v(context), expected, atol=1e-5)
     runner.postprocess(p)
     assert torch.equal(to_v(context), torch.nn.functional.linear(context, to_v.weight))
+
+
+class StarletteLikeHTTPException(Exception):
+    """What fastapi.HTTPException is in the WebUI (starlette: status_code, detail, headers; newer
+    versions format str() as "status: detail")."""
+
+    def __init__(self, status_code, detail=None, headers=None):
+        self.status_code, self.detail, self.headers = status_code, detail, headers
+
+    def __str__(self):
+        return f"{self.status_code}: {self.detail}"
+
+
+def webui_handle_exception(e):
+    """A1111 1.10.1 / Forge modules/api/api.py handle_exception: (response, printed a traceback?)."""
+    err = {"error": type(e).__name__, "detail": vars(e).get("detail", ""), "body": vars(e).get("body", ""),
+           "errors": str(e)}
+    return vars(e).get("status_code", 500), err, not isinstance(e, StarletteLikeHTTPException)
+
+
+def test_a_stopped_api_job_is_a_422_without_a_console_traceback(library, meta_models, monkeypatch):
+    # Found in the real A1111: a plain exception makes handle_exception print a traceback with all
+    # locals for every bad request; the host's stop error is also the API's HTTPException.
+    from vmix_lib.webui import host as webui_host
+
+    monkeypatch.setattr(webui_host, "_api_error_class", [webui_host.api_error_class(StarletteLikeHTTPException)])
+
+    class Host(TestHost):
+        stop_error = webui_host.WebUIHost.stop_error
+
+    unet = meta_models["sd15"]
+    runner = VMixRunner(Host(A1111Model(unet)), library)
+    p = P(A1111Model(unet))
+    runner.process(p, [True, "../sd15_style", 1.0])
+    runner.before_sampling(p)
+    with pytest.raises(VMixError) as e:
+        unet_call(unet)
+    status, err, traceback_printed = webui_handle_exception(e.value)
+    sentence = "VMix adapter name '../sd15_style' must be a plain name from the adapter folder, without folders or path separators."
+    assert (status, err, traceback_printed) == (422, {"error": "VMixError", "detail": sentence, "body": "",
+                                                      "errors": sentence}, False)
+    runner.shutdown()
+
+
+def test_without_the_api_class_the_plain_error_still_stops_the_job():
+    from vmix_lib.webui import host as webui_host
+
+    assert webui_host.api_error_class(None) is VMixError
+    error = VMixError("VMix argument strength must be from 0 to 3, got 7.")
+    assert (str(error), error.status_code, error.detail) == (error.detail, 422, error.detail)
+
+
+def test_a_malformed_file_with_the_stop_setting_names_vmix_once(library, meta_models):
+    unet = meta_models["sd15"]
+    runner, host, p = run(library, A1111Model(unet), [True, "broken", 1.0], RunnerOptions(on_mismatch=ON_MISMATCH_STOP))
+    with pytest.raises(VMixError) as e:
+        unet_call(unet)
+    assert str(e.value).startswith("VMix adapter 'broken.safetensors' ")
+    assert "the job was stopped because Settings > VMix is set to stop" in str(e.value)
+    runner.shutdown()

@@ -328,6 +328,9 @@ def save_adapter(
     tmp = path + ".tmp"
     try:
         save_file(state, tmp, metadata={METADATA_KEY: meta_json})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; an adapter is meant to be shared
         os.replace(tmp, path)  # never leave a half-written adapter under the real name
     except BaseException:
         if os.path.exists(tmp):

@@ -381,8 +381,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-files", action="store_true", help="skip the adapter file section")
     args = parser.parse_args(argv)
-    if args.repeats is not None and args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be at least 1 and --warmup at least 0")
+    if args.repeats is not None and args.repeats < 1 or args.warmup < 0 or args.threads is not None and args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1, --warmup at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -31,22 +31,31 @@ POSITIONS: Dict[str, Tuple[float, float]] = {
     "bottom left": (0.27, 0.73), "bottom": (0.5, 0.73), "bottom right": (0.73, 0.73),
 }
 POSITION_NAMES = tuple(POSITIONS)
+HUES: Dict[str, float] = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
+HUE_NAMES = tuple(HUES)
 
 ORDINARY_SATURATION = (0.15, 0.65)
 SUPERIOR_SATURATION = (0.85, 1.0)
 ORDINARY_VALUE = (0.45, 0.75)
 SUPERIOR_VALUE = (0.9, 1.0)
-RADIUS = (0.15, 0.2)  # of the image side; the shapes have the area of a circle of this radius
+RADIUS = (0.18, 0.24)  # of the image side; the shapes have the area of a circle of this radius
 JITTER = 0.04  # of the image side, around the named position
 FOREGROUND_VALUE = 0.25  # a pixel is foreground when its HSV value exceeds this (background is black)
 
 
-def caption(shape: int, position: int) -> str:
-    return f"a {SHAPES[shape]} at the {POSITION_NAMES[position]}"
+def caption(hue: int, shape: int, position: int) -> str:
+    return f"a {HUE_NAMES[hue]} {SHAPES[shape]} at the {POSITION_NAMES[position]}"
 
 
 def all_captions() -> List[str]:
-    return [caption(s, p) for s in range(len(SHAPES)) for p in range(len(POSITION_NAMES))]
+    """Every caption, in the order of ImageSet.caption_index()."""
+    return [caption(h, s, p) for h in range(len(HUE_NAMES)) for s in range(len(SHAPES)) for p in range(len(POSITION_NAMES))]
+
+
+def caption_parts(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hue, shape, position) indices of caption indices."""
+    p, s = len(POSITION_NAMES), len(SHAPES)
+    return index // (s * p), index // p % s, index % p
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -113,6 +122,7 @@ def shape_masks(shape: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, radius:
 @dataclass
 class ImageSet:
     images: torch.Tensor  # [B, 3, S, S] in [0, 1]
+    hue: torch.Tensor  # [B] index into HUE_NAMES
     shape: torch.Tensor  # [B] index into SHAPES
     position: torch.Tensor  # [B] index into POSITION_NAMES
     labels: torch.Tensor  # [B, 2] (color, lighting): 1 superior, 0 ordinary
@@ -121,11 +131,11 @@ class ImageSet:
 
     @property
     def captions(self) -> List[str]:
-        return [caption(int(s), int(p)) for s, p in zip(self.shape, self.position)]
+        return [caption(int(h), int(s), int(p)) for h, s, p in zip(self.hue, self.shape, self.position)]
 
     def caption_index(self) -> torch.Tensor:
         """[B] index into all_captions()."""
-        return self.shape * len(POSITION_NAMES) + self.position
+        return (self.hue * len(SHAPES) + self.shape) * len(POSITION_NAMES) + self.position
 
 
 def _uniform(n: int, bounds: Tuple[float, float], g: torch.Generator) -> torch.Tensor:
@@ -145,16 +155,16 @@ def make_images(
     jitter = (torch.rand(count, 2, generator=g) * 2 - 1) * JITTER
     cx, cy = ((centres + jitter) * size).unbind(-1)
     radius = _uniform(count, RADIUS, g) * size
-    hue = torch.rand(count, generator=g)
+    hue = torch.randint(0, len(HUE_NAMES), (count,), generator=g)
     labels = torch.zeros(count, 2)
     if superior_fraction is not None:
         labels = (torch.rand(count, 2, generator=g) < torch.tensor(superior_fraction)).float()
     saturation = torch.where(labels[:, 0] > 0, _uniform(count, SUPERIOR_SATURATION, g), _uniform(count, ORDINARY_SATURATION, g))
     value = torch.where(labels[:, 1] > 0, _uniform(count, SUPERIOR_VALUE, g), _uniform(count, ORDINARY_VALUE, g))
     coverage = shape_masks(shape, cx, cy, radius, size)
-    colour = hsv_to_rgb(hue, saturation, value)  # [B, 3]
+    colour = hsv_to_rgb(torch.tensor(list(HUES.values()))[hue], saturation, value)  # [B, 3]
     images = coverage.unsqueeze(1) * colour.view(count, 3, 1, 1)
-    return ImageSet(images, shape, position, labels, saturation, value)
+    return ImageSet(images, hue, shape, position, labels, saturation, value)
 
 
 # -- measurements -------------------------------------------------------------------------------
@@ -165,6 +175,24 @@ def saturation_value(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     bottom = images.amin(1)
     sat = torch.where(top > 1e-6, (top - bottom) / top.clamp_min(1e-6), torch.zeros_like(top))
     return sat, top
+
+
+def mean_hue(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[B] circular mean HSV hue in [0, 1) of each image's foreground, weighted by saturation."""
+    r, g, b = images.clamp(0, 1).unbind(1)
+    # Hue angle from the opponent axes (the hexagonal hue of HSV, smoothed): exact at the six named hues.
+    x = r - (g + b) / 2
+    y = (g - b) * math.sqrt(3) / 2
+    w = masks.float()
+    angle = torch.atan2((y * w).flatten(1).sum(1), (x * w).flatten(1).sum(1))
+    return (angle / (2 * math.pi)) % 1.0
+
+
+def hue_correct(images: torch.Tensor, masks: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the foreground's mean hue is nearest the captioned hue."""
+    names = torch.tensor(list(HUES.values()))
+    d = (mean_hue(images, masks).unsqueeze(-1) - names).abs()
+    return torch.minimum(d, 1 - d).argmin(-1) == hue
 
 
 def foreground(images: torch.Tensor) -> torch.Tensor:

@@ -222,6 +222,12 @@ class ValueMixer:
             self._warn_once(f"tokens{count}", f"context of {count} tokens is not a multiple of {tokens}; left unchanged")
             return None
         grad = torch.is_grad_enabled()
+        if grad and (self._aesthetic.requires_grad or self.adapter.value(name).weight.requires_grad):
+            # Training: a fresh graph per forward, so gradient checkpointing's recomputation
+            # records the same tensors as the first pass (a cached V_a would not be re-saved).
+            values = self.adapter.aesthetic_values(name, self._aesthetic, device=device)
+            values = torch.cat([values] * chunks, dim=-2) if chunks > 1 else values
+            return values.to(dtype)
         key = (name, device, dtype, chunks, grad)
         values = self._cache.get(key)
         if values is None:
@@ -293,11 +299,11 @@ class ValueMixer:
             mixer = mixer_ref()
             if mixer is None or not mixer.armed or not mixer.gate:
                 return None
-            if mixer.guard is not None and not mixer.guard():
-                return None
             if not isinstance(output, torch.Tensor):
                 return None
             try:
+                if mixer.guard is not None and not mixer.guard():
+                    return None
                 return mixer._apply(name, output)
             except Exception as e:  # never let a VMix bug break a generation
                 if mixer.strict:

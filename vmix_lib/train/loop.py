@@ -118,20 +118,11 @@ class AdapterTrainer:
             return self.base_lr * (step + 1) / self.warmup_steps
         return self.base_lr
 
-    def _prime_value_cache(self, context: torch.Tensor) -> None:
-        # The hook caches V_a per call shape.  Under (non-reentrant) gradient checkpointing the cached
-        # V_a would be missing from the recomputed forward; computing it once here, outside the
-        # checkpointed blocks, keeps one V_a per layer per step in the graph.
-        for info in self.layers:
-            info.module.to_v(context)
-
     # -- training ---------------------------------------------------------------------------
     def loss(self, batch: TrainBatch) -> torch.Tensor:
         """Loss of one micro-batch with gradients enabled (no optimiser step)."""
         aesthetic_context_for_batch(self.mixer, batch.labels, self.aesthetic_dropout, self.generator)
         with self.autocast():
-            if self.gradient_checkpointing:
-                self._prime_value_cache(batch.context)
             return diffusion_loss(
                 lambda x, t, c: self.forward(x, t, c, batch.added_cond),
                 batch.latents,

@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from ..layers import FamilyReport, detect_family, find_cross_attention_layers
+from .lifecycle import VMixError
 from .runner import ON_MISMATCH_SKIP, ON_MISMATCH_STOP, RunnerOptions
 
 SECTION = ("vmix", "VMix")
@@ -155,6 +156,39 @@ def job_key_of(state) -> tuple:
     return (bool(state.job), state.job_timestamp)
 
 
+_api_error_class: list = []
+
+
+def api_error_class(http_exception: Optional[type]) -> type:
+    """VMixError that is also ``http_exception`` (fastapi's HTTPException in the WebUI).
+
+    A1111 and Forge (modules/api/api.py handle_exception) print a traceback with every local
+    variable for any exception that is not an HTTPException; a stopped job is a user's input
+    error, so it must reach the API client as 422 + one sentence and leave the console alone.
+    The class keeps the name VMixError (the API's "error" field).
+    """
+    if http_exception is None:
+        return VMixError
+
+    class APIVMixError(VMixError, http_exception):
+        def __init__(self, message: str):
+            VMixError.__init__(self, message)
+            self.headers = None  # fastapi/starlette HTTPException attribute
+
+    APIVMixError.__name__ = APIVMixError.__qualname__ = "VMixError"
+    return APIVMixError
+
+
+def _webui_api_error_class() -> type:
+    if not _api_error_class:
+        try:
+            from fastapi import HTTPException
+        except ImportError:  # no HTTP API here: the plain error still stops the job
+            HTTPException = None
+        _api_error_class.append(api_error_class(HTTPException))
+    return _api_error_class[0]
+
+
 class WebUIHost:
     """vmix_lib.webui.lifecycle.Host for the running WebUI."""
 
@@ -188,6 +222,9 @@ class WebUIHost:
 
     def warn(self, message: str) -> None:
         print(f"[VMix] {message.removeprefix('VMix: ')}", file=sys.stderr, flush=True)
+
+    def stop_error(self, message: str) -> VMixError:
+        return _webui_api_error_class()(message)
 
 
 # ---------------------------------------------------------------- callbacks and settings

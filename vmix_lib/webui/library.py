@@ -86,7 +86,16 @@ class AdapterLibrary:
         return sorted(names, key=lambda n: (n.lower(), n))
 
     def default_name(self) -> Optional[str]:
+        """The adapter a new panel and a dict without "adapter" use: the first installed one whose
+        metadata reads, so a stray LoRA or a broken download that sorts first is not picked (it would
+        hide the α sliders behind a warning); the first name when none reads (its problem is then shown)."""
         names = self.names()
+        for name in names:
+            try:
+                self.info(name)
+                return name
+            except (AdapterError, OSError, ValueError):
+                continue
         return names[0] if names else None
 
     def no_adapter_message(self) -> str:

@@ -49,13 +49,18 @@ class VMixError(RuntimeError):
 
     The WebUI's HTTP API answers an exception with ``vars(e).get("status_code", 500)`` and
     ``vars(e).get("detail")`` (A1111 and Forge modules/api/api.py handle_exception), so a stopped
-    API request gets 422 Unprocessable Entity with the sentence as its detail.
+    API request gets 422 Unprocessable Entity with the sentence as its detail.  The running WebUI
+    raises a subclass that is also fastapi's HTTPException (Host.stop_error), which handle_exception
+    answers without printing a traceback into the console.
     """
 
     def __init__(self, message: str):
         super().__init__(message)
         self.status_code = 422
         self.detail = message
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class Host(Protocol):
@@ -68,6 +73,7 @@ class Host(Protocol):
     def current_unet(self) -> Optional[nn.Module]: ...  # the model sampling now (after a refiner switch)
     def current_patcher(self) -> Optional[Any]: ...
     def warn(self, message: str) -> None: ...
+    # optional: def stop_error(self, message: str) -> VMixError  (the exception that stops a job)
 
 
 # ---------------------------------------------------------------- Forge patch (plain function)
@@ -356,7 +362,7 @@ class LifecycleController:
         if gen is None or not self._alive(gen):
             return
         if gen.failure is not None:
-            raise VMixError(gen.failure)
+            raise self._stop_error(gen.failure)
         mixer = gen.mixer
         if mixer is None or gen.uncond or gen.forge:
             return
@@ -441,6 +447,17 @@ class LifecycleController:
             self._internal_error(gen, e)
 
     # -- messages ---------------------------------------------------------------------------
+    def _stop_error(self, message: str) -> VMixError:
+        make = getattr(self.host, "stop_error", None)
+        if make is not None:
+            try:
+                error = make(message)
+                if isinstance(error, VMixError):
+                    return error
+            except Exception:  # the plain VMixError still stops the job with the message
+                pass
+        return VMixError(message)
+
     def note(self, gen: Generation, text: str) -> None:
         """A part of the job ran without VMix: say so in the infotext and once in the console."""
         if text not in gen.notes:

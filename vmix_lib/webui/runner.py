@@ -156,7 +156,8 @@ class VMixRunner:
     def _cannot_apply(self, gen: Generation, settings: VMixSettings, partial: Prepared, reason: str,
                       options: RunnerOptions) -> None:
         if options.on_mismatch == ON_MISMATCH_STOP:
-            return self._stop(gen, f"VMix: {reason}; the job was stopped because Settings > VMix is set to stop "
+            prefix = "" if reason.startswith("VMix") else "VMix: "  # file errors already name VMix
+            return self._stop(gen, f"{prefix}{reason}; the job was stopped because Settings > VMix is set to stop "
                                    "when VMix cannot be applied. Pick a matching adapter or turn VMix off.",
                               said_stopped=True)
         self.host.warn(f"VMix skipped: {reason}.")

@@ -23,7 +23,7 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
     from modules.ui_components import InputAccordion
 
     names = library.names()
-    selected = names[0] if names else None
+    selected = library.default_name()
     updates = panel.slider_updates(panel.dimensions_of(library, selected))
 
     with InputAccordion(False, label="VMix", elem_id=script.elem_id("enabled")) as enabled:
