@@ -94,3 +94,19 @@ def test_preload_adds_the_vmix_dir_option():
     module.preload(parser)
     assert parser.parse_args(["--vmix-dir", "/data/vmix"]).vmix_dir == "/data/vmix"
     assert parser.parse_args([]).vmix_dir is None
+
+
+def test_a_restored_adapter_describes_itself_on_the_components(library):
+    # Found in the real A1111: ui-config.json restored the dropdown to the adapter saved at the
+    # first start while the info line and α sliders still described the preselected one.
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(value="old")
+    sliders = [SimpleNamespace(label=f"α {i + 1}", visible=False) for i in range(MAX_DIMENSION_SLOTS)]
+    panel.describe_on_components(library, "style <b>", SD15, info, sliders)
+    assert info.value == panel.info_html(library, "style <b>", SD15) and "fits the loaded checkpoint" in info.value
+    assert [s.label for s in sliders[:2]] == ["α color (vibrant color)", "α lighting (natural lighting)"]
+    assert [s.visible for s in sliders] == [True] * 6 + [False] * (MAX_DIMENSION_SLOTS - 6)
+    panel.describe_on_components(library, "broken", SD15, info, sliders)
+    assert "⚠ VMix adapter &#x27;broken.safetensors&#x27;" in info.value
+    assert [(s.label, s.visible) for s in sliders] == [(f"α {i + 1}", False) for i in range(MAX_DIMENSION_SLOTS)]

@@ -74,3 +74,18 @@ def dimensions_of(library: AdapterLibrary, selected: Optional[str]) -> Optional[
         return list(library.info(library.validate(selected)).dimensions)
     except (ValueError, AdapterError, OSError):
         return None
+
+
+def describe_on_components(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport],
+                           info, sliders: Sequence) -> None:
+    """Set the info line's value and the α sliders' labels/visibility for ``selected`` on the
+    components themselves, before the page is built.
+
+    A1111's ui-config.json (modules/ui_loadsave.py) replaces the adapter dropdown's value with the
+    one saved at the first start and then calls the dropdown's ``init_field(value)``; without this
+    the page showed that adapter in the dropdown but the info line and α sliders of another one.
+    """
+    info.value = info_html(library, selected, model)
+    for slider, update in zip(sliders, slider_updates(dimensions_of(library, selected))):
+        slider.label = update["label"]
+        slider.visible = update["visible"]

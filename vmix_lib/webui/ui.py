@@ -58,6 +58,11 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
 
     adapter.change(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
     refresh.click(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
+    # The checkpoint usually loads after the page is built ("fit: unknown"): say whether it fits
+    # when the user turns VMix on.
+    enabled.change(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
+    # A1111 restores the dropdown from ui-config.json after this returns and then calls init_field.
+    adapter.init_field = lambda name: panel.describe_on_components(library, name, model_report(), info, alphas)
 
     controls = [enabled, adapter, strength, *alphas, start, end, uncond, block_weights]
     assert len(controls) == 3 + MAX_DIMENSION_SLOTS + 4
