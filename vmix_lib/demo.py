@@ -1,35 +1,37 @@
 """VMix end to end on a CPU in minutes, with nothing downloaded: ``python -m vmix_lib.demo``.
 
-1. Draws a synthetic dataset (vmix_lib/demo_data.py): one shape per image, captioned with its
-   shape and position; saturation ("color") and brightness ("lighting") play the aesthetic
-   dimensions.
+1. Draws a synthetic dataset (vmix_lib/demo_data.py): one coloured shape per image, captioned
+   with its hue, shape and position; saturation ("color") and brightness ("lighting") play the
+   aesthetic dimensions.
 2. Trains a small text-to-image diffusion model from scratch in pixel space: a diffusers
    UNet2DConditionModel with real cross-attention (attn2) layers, conditioned on a transformers
-   CLIPTextModel with a tiny configuration and a word-level vocabulary built here.  The text
-   encoder is trained jointly with the UNet (it is this model's "pre-training"); afterwards both
-   are frozen, as a user's checkpoint is.
-3. Builds AesEmb from that text encoder's pooled output ("[CLS]"), as the paper does, and trains
-   a VMix adapter (projection layer + one W_a per attn2) on the frozen base through the same
-   ValueMixer hook and training step the extension and the trainer use (λ = 1, labels per image).
-4. Samples a fixed set of prompts and seeds with DDIM for a λ sweep under several aesthetic
-   settings, and writes grid.png, results.json and results.csv, printing the measured table.
+   CLIPTextModel with a tiny configuration and a word-level vocabulary built here.
+3. Freezes it, builds AesEmb from its own text encoder's pooled output ("[CLS]") as the paper
+   does, and trains a VMix adapter (projection layer + one W_a per attn2) with the trainer's own
+   loop (vmix_lib.train.loop: λ = 1, labels per image, the base frozen).
+4. Samples fixed prompts and seeds with DDIM for a λ sweep under several aesthetic settings
+   through the extension's ValueMixer hook, compares every picture with the base model's picture
+   of the same prompt and seed, prints the measured table and writes grid.png, results.json and
+   results.csv.
 
-Only this demonstration needs diffusers and transformers; the extension does not import it.
-The adapter stays in memory: the adapter file format holds the SD1.5 and SDXL layer layouts
-only, and this little UNet is neither (see vmix_lib/adapter_file.py).
+Only this demonstration needs diffusers and transformers; the extension never imports it.  The
+adapter stays in memory: the adapter file format holds the SD1.5 and SDXL layouts only, and
+this UNet is neither (vmix_lib/adapter_file.py refuses other layouts by design).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import importlib.util
 import json
 import math
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,7 +39,7 @@ from . import demo_data as data
 from .dimensions import DEFAULT_DIMENSIONS
 from .hook import ValueMixer
 from .mixing import VMixAdapter, build_aes_emb
-from .training_step import aesthetic_context_for_batch, diffusion_loss
+from .training_step import diffusion_loss
 
 # The extension's own label strings for the two dimensions the synthetic data varies.
 DIMENSIONS = tuple(d for d in DEFAULT_DIMENSIONS if d.name in ("color", "lighting"))
@@ -50,37 +52,39 @@ SETTINGS: Dict[str, Dict[str, float]] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class DemoConfig:
     seed: int = 0
     size: int = 16  # image side in pixels
-    channels: Tuple[int, ...] = (32, 64)  # UNet block widths; attn2 in every block but the first
+    channels: Tuple[int, ...] = (16, 32, 32)  # UNet block widths; attn2 in every block but the first
     context_dim: int = 32  # text width = cross-attention context width d
-    pooled_text: bool = True
-    train_text_encoder: bool = False
-    prediction: str = "v_prediction"
-    noise_shift: float = 3.0  # what the UNet predicts ("epsilon" or "v_prediction")
     text_layers: int = 2
-    base_images: int = 4096
-    adapter_images: int = 4096
-    superior_fraction: Tuple[float, float] = (0.5, 0.5)  # (color, lighting) in the adapter set
+    prediction: str = "v_prediction"
+    noise_shift: float = 3.0  # see shifted_cosine_betas
+    base_images: int = 8192
+    adapter_images: int = 8192
+    superior_fraction: Tuple[float, float] = (0.5, 0.5)  # (color, lighting) in the adapter's data
     batch: int = 32
     base_steps: int = 1500
     base_lr: float = 2e-3
     adapter_steps: int = 400
-    adapter_lr: float = 2e-3
-    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
-    sample_steps: int = 25  # DDIM
-    guidance: float = 1.0  # classifier-free guidance scale (1 = off)
-    seeds_per_prompt: int = 2  # samples per caption per λ; all 27 captions are sampled
+    adapter_lr: float = 1e-2
+    sample_steps: int = 20  # DDIM
+    prompts: int = 54  # sweep prompts, one seed each (see sweep_prompts)
     lambdas: Tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     settings: Tuple[str, ...] = ("color", "lighting", "none")
-    grid_prompts: Tuple[int, ...] = (0, 13, 26)  # caption indices shown in the grid
+    grid_prompts: Tuple[int, ...] = (0, 13, 26, 40)  # which sweep prompts the grid shows
     grid_scale: int = 4
+    threads: int = 1  # torch CPU threads (1: no slowdown from oversubscribed OpenMP threads on a
+    # busy machine, and the numbers of the README within floating-point noise)
 
 
 FULL = DemoConfig()
-QUICK = replace(FULL, base_images=2048, adapter_images=2048, base_steps=500, adapter_steps=200, seeds_per_prompt=1)
+# About two minutes: a weaker base model (noisier pictures), the same behaviour.
+QUICK = replace(FULL, base_images=2048, adapter_images=2048, base_steps=400, adapter_steps=200, prompts=27,
+                grid_prompts=(0, 13, 26))
+# The test suite's scale (tests/test_demo.py), about two minutes on one CPU thread.
+TEST = replace(QUICK, sample_steps=10, prompts=18, lambdas=(0.0, 1.0, 2.0), grid_prompts=(0, 9))
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ def build_text_encoder(vocab_size: int, cfg: DemoConfig):
         num_attention_heads=4,
         max_position_embeddings=data.TOKENS,
         bos_token_id=data.WordTokenizer.BOS,
-        eos_token_id=data.WordTokenizer.EOS,  # pooled output = first EOS, as in CLIP
+        eos_token_id=data.WordTokenizer.EOS,  # pooled output = the first EOS, as in CLIP
         pad_token_id=data.WordTokenizer.EOS,
     )
     return CLIPTextModel(config)
@@ -114,30 +118,22 @@ def build_unet(cfg: DemoConfig):
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
         up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         cross_attention_dim=cfg.context_dim,
-        # Also a pooled text embedding added to the time embedding (as SDXL adds its pooled text
-        # embedding): it lets a model this small pick up the caption within minutes.
-        addition_embed_type="text" if cfg.pooled_text else None,
+        # The text also reaches the time embedding, attention-pooled (as SDXL adds its pooled
+        # text embedding there): without it a model this small ignores the caption for
+        # thousands of steps.
+        addition_embed_type="text",
         addition_embed_type_num_heads=4,
         attention_head_dim=8,
         norm_num_groups=8,
     )
 
 
-def build_scheduler(cfg: DemoConfig):
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000, trained_betas=shifted_cosine_betas(cfg.noise_shift).tolist(),
-        clip_sample=True, prediction_type=cfg.prediction,
-    )
-
-
 def shifted_cosine_betas(shift: float, steps: int = 1000) -> torch.Tensor:
     """The cosine schedule with its signal-to-noise ratio divided by shift².
 
-    On 16-pixel images a shape is still visible through most of the cosine schedule's noise
-    levels, so a model trained on it barely needs the caption; shifting the schedule towards
-    noise (as done for large images) puts more of training where the caption decides the content.
+    A 16-pixel shape stays visible through most of the plain cosine schedule, so a model
+    trained on it barely needs the caption; shifting towards noise (as is done for large images)
+    puts more of the training where the caption decides what is drawn.
     """
     t = torch.arange(steps + 1, dtype=torch.float64) / steps
     a = torch.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
@@ -148,13 +144,42 @@ def shifted_cosine_betas(shift: float, steps: int = 1000) -> torch.Tensor:
     return (1 - a[1:] / a[:-1]).clamp(0, 0.999).float()
 
 
+def build_scheduler(cfg: DemoConfig):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=shifted_cosine_betas(cfg.noise_shift).tolist(),
+        clip_sample=True,
+        prediction_type=cfg.prediction,
+    )
+
+
 def coordinate_planes(size: int) -> torch.Tensor:
-    """[1, 2, S, S] x and y in [-1, 1] (CoordConv input channels)."""
+    """[1, 2, S, S]: x and y in [-1, 1] (CoordConv input channels)."""
     axis = torch.linspace(-1, 1, size)
     return torch.stack([axis.view(1, -1).expand(size, size), axis.view(-1, 1).expand(size, size)]).unsqueeze(0)
 
 
-# -- the training loop --------------------------------------------------------------------------
+# -- training -----------------------------------------------------------------------------------
+class Progress:
+    """``progress(step, loss)``: logs the mean loss, the time spent and an ETA ten times a run."""
+
+    def __init__(self, desc: str, steps: int, log: Callable[[str], None]):
+        self.desc, self.steps, self.log = desc, steps, log
+        self.every = max(1, steps // 10)
+        self.recent: List[float] = []
+        self.start = time.time()
+
+    def __call__(self, step: int, loss: float) -> None:
+        self.recent.append(loss)
+        if step % self.every == 0 or step == self.steps:
+            done = time.time() - self.start
+            self.log(f"  {self.desc}: step {step}/{self.steps}  loss {sum(self.recent) / len(self.recent):.4f}  "
+                     f"{done:.0f} s, about {done / step * (self.steps - step):.0f} s left")
+            self.recent = []
+
+
 def train_loop(
     step_fn: Callable[[torch.Generator], torch.Tensor],
     parameters: Iterable[torch.nn.Parameter],
@@ -164,19 +189,20 @@ def train_loop(
     desc: str,
     log: Callable[[str], None],
 ) -> List[float]:
-    """AdamW with a short warm-up and cosine decay; ``step_fn(generator)`` returns the loss.
+    """AdamW, short warm-up, cosine decay; ``step_fn(generator)`` returns the batch loss.
 
-    Deliberately generic (a loss closure and the parameters) so the trainer's loop can replace it.
+    The base model's loop only: the adapter is trained by the trainer's loop (train_adapter).
     """
     params = [p for p in parameters if p.requires_grad]
+    if steps <= 0:
+        return []
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
     )
     losses: List[float] = []
-    start = time.time()
-    every = max(1, steps // 10)
+    progress = Progress(desc, steps, log)
     for i in range(steps):
         loss = step_fn(generator)
         opt.zero_grad(set_to_none=True)
@@ -185,11 +211,7 @@ def train_loop(
         opt.step()
         schedule.step()
         losses.append(float(loss.detach()))
-        if (i + 1) % every == 0 or i + 1 == steps:
-            done = time.time() - start
-            recent = sum(losses[-every:]) / len(losses[-every:])
-            eta = done / (i + 1) * (steps - i - 1)
-            log(f"  {desc}: step {i + 1}/{steps}  loss {recent:.4f}  {done:.0f}s elapsed, ~{eta:.0f}s left")
+        progress(i + 1, losses[-1])
     return losses
 
 
@@ -199,11 +221,7 @@ class BaseModel:
     text_encoder: torch.nn.Module
     unet: torch.nn.Module
     scheduler: object
-    contexts: torch.Tensor  # [len(all_captions()), 77, d], frozen text encoder output
-    empty_context: torch.Tensor  # [77, d] for the empty caption
-
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenizer(texts)).last_hidden_state
+    contexts: torch.Tensor  # [len(all_captions()), 77, d]: the frozen text encoder's output
 
     def encode_pooled(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenizer(texts)).pooler_output
@@ -214,108 +232,89 @@ class BaseModel:
 
 
 def train_base(cfg: DemoConfig, log: Callable[[str], None]) -> BaseModel:
+    """The base text-to-image model, trained on ordinary images, then frozen.
+
+    The text encoder stays at its random initialisation (frozen, as SD keeps its CLIP frozen):
+    trained jointly from scratch it collapsed, its captions drifting together before the UNet
+    learnt to read them, while a random transformer already keeps all captions apart.
+    """
     captions = data.all_captions()
-    label_texts = [d.positive for d in DIMENSIONS] + [d.negative for d in DIMENSIONS]
-    tokenizer = data.WordTokenizer(captions + label_texts)
+    tokenizer = data.WordTokenizer(captions + [d.positive for d in DIMENSIONS] + [d.negative for d in DIMENSIONS])
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        text_encoder = build_text_encoder(tokenizer.vocab_size, cfg)
+        text_encoder = build_text_encoder(tokenizer.vocab_size, cfg).eval().requires_grad_(False)
         unet = build_unet(cfg)
-    scheduler = build_scheduler(cfg)
-    alphas_cumprod = scheduler.alphas_cumprod
+    with torch.no_grad():
+        contexts = text_encoder(tokenizer(captions)).last_hidden_state
+    base = BaseModel(tokenizer, text_encoder, unet, build_scheduler(cfg), contexts)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     dataset = data.make_images(cfg.base_images, cfg.size, g)
-    images = dataset.images * 2 - 1
-    ids = tokenizer(captions + [""])  # the last row is the empty caption
-    caption_index = dataset.caption_index()
-    model = BaseModel(tokenizer, text_encoder, unet, scheduler, torch.empty(0), torch.empty(0))
-
-    def step(gen: torch.Generator) -> torch.Tensor:
-        pick = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
-        rows = caption_index[pick]
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
-        rows = torch.where(drop, torch.full_like(rows, len(captions)), rows)
-        context = text_encoder(ids[rows]).last_hidden_state
-        return diffusion_loss(model.unet_forward, images[pick], context, alphas_cumprod, cfg.prediction, generator=gen)
-
-    unet.train()
-    text_encoder.train()
-    log(f"Training the base model ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M UNet + "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M text encoder parameters) on "
-        f"{cfg.base_images} ordinary images")
-    if not cfg.train_text_encoder:
-        text_encoder.eval().requires_grad_(False)
-    train_loop(step, list(unet.parameters()) + list(text_encoder.parameters()), cfg.base_steps, cfg.base_lr, g, "base", log)
-    # Frozen from here on, like a user's checkpoint.
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
-    with torch.no_grad():
-        contexts = text_encoder(ids).last_hidden_state
-    model.contexts, model.empty_context = contexts[:-1], contexts[-1]
-    return model
-
-
-def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) -> ValueMixer:
-    """A VMix adapter on the frozen base; returns its ValueMixer, installed on the UNet."""
-    aes_emb = build_aes_emb(base.encode_pooled, DIMENSIONS)
-    # "demo": not an SD1.5/SDXL layout, so the adapter is not written in the adapter file format.
-    adapter = VMixAdapter.for_unet(base.unet, aes_emb, family="demo", dimensions=DIMENSIONS)
-    mixer = ValueMixer(adapter, strength=1.0, strict=True)
-    mixer.install(base.unet)
-    mixer.arm()
-    g = torch.Generator().manual_seed(cfg.seed + 2)
-    dataset = data.make_images(cfg.adapter_images, cfg.size, g, superior_fraction=cfg.superior_fraction)
-    images = dataset.images * 2 - 1
-    contexts = torch.cat([base.contexts, base.empty_context.unsqueeze(0)])
-    caption_index = dataset.caption_index()
+    images, caption_index = dataset.images * 2 - 1, dataset.caption_index()
     alphas_cumprod = base.scheduler.alphas_cumprod
 
     def step(gen: torch.Generator) -> torch.Tensor:
         pick = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
-        rows = caption_index[pick]
-        drop = torch.rand(cfg.batch, generator=gen) < cfg.caption_dropout
-        rows = torch.where(drop, torch.full_like(rows, len(base.contexts)), rows)
-        aesthetic_context_for_batch(mixer, dataset.labels[pick])
-        return diffusion_loss(base.unet_forward, images[pick], contexts[rows], alphas_cumprod, cfg.prediction, generator=gen)
+        return diffusion_loss(base.unet_forward, images[pick], contexts[caption_index[pick]], alphas_cumprod, cfg.prediction, generator=gen)
 
-    adapter.train()
-    trainable = sum(p.numel() for p in adapter.parameters())
-    log(f"Training the VMix adapter ({len(adapter.layer_names)} attn2 layers, {trainable / 1e3:.1f}k parameters, "
-        f"λ = 1) on {cfg.adapter_images} labelled images; the base stays frozen")
-    train_loop(step, adapter.parameters(), cfg.adapter_steps, cfg.adapter_lr, g, "adapter", log)
-    adapter.eval().requires_grad_(False)
-    mixer.disarm()
-    return mixer
+    log(f"Training the base model ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+        f"{cfg.base_steps} steps) on {cfg.base_images} ordinary images")
+    unet.train()
+    train_loop(step, unet.parameters(), cfg.base_steps, cfg.base_lr, g, "base", log)
+    unet.eval().requires_grad_(False)
+    return base
 
 
-# -- sampling -----------------------------------------------------------------------------------
+def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) -> VMixAdapter:
+    """A VMix adapter on the frozen base, trained by the trainer's own loop (vmix_lib.train.loop)."""
+    from .train.loop import TrainBatch, train_adapter as run_trainer
+
+    aes_emb = build_aes_emb(base.encode_pooled, DIMENSIONS)
+    # family "demo": this UNet is not an SD1.5/SDXL layout (nothing checks the family in memory).
+    adapter = VMixAdapter.for_unet(base.unet, aes_emb, family="demo", dimensions=DIMENSIONS)
+    g = torch.Generator().manual_seed(cfg.seed + 2)
+    dataset = data.make_images(cfg.adapter_images, cfg.size, g, superior_fraction=cfg.superior_fraction)
+    images, caption_index, labels = dataset.images * 2 - 1, dataset.caption_index(), dataset.labels
+
+    def batches():
+        while True:
+            pick = torch.randint(0, images.shape[0], (cfg.batch,), generator=g)
+            yield TrainBatch(images[pick], base.contexts[caption_index[pick]], labels[pick])
+
+    log(f"Training the VMix adapter ({len(adapter.layer_names)} attn2 layers, "
+        f"{sum(p.numel() for p in adapter.parameters()) / 1e3:.1f}k parameters, {cfg.adapter_steps} steps) on "
+        f"{cfg.adapter_images} labelled images; the base stays frozen")
+    progress = Progress("adapter", cfg.adapter_steps, log)
+    run_trainer(
+        base.unet, adapter, batches(), cfg.adapter_steps, base.scheduler.alphas_cumprod,
+        on_step=progress, lr=cfg.adapter_lr, weight_decay=0.0, prediction=cfg.prediction,
+        warmup_steps=max(1, cfg.adapter_steps // 20), unet_forward=lambda x, t, c, added=None: base.unet_forward(x, t, c),
+        seed=cfg.seed + 3,
+    )
+    return adapter.eval().requires_grad_(False)
+
+
+# -- sampling and measuring ---------------------------------------------------------------------
 @torch.no_grad()
 def sample(base: BaseModel, contexts: torch.Tensor, noise: torch.Tensor, cfg: DemoConfig) -> torch.Tensor:
     """DDIM (η = 0) from ``noise`` [B, 3, S, S] for ``contexts`` [B, 77, d]; images in [0, 1]."""
     scheduler = base.scheduler
     scheduler.set_timesteps(cfg.sample_steps)
     x = noise.clone()
-    guided = cfg.guidance != 1.0
-    if guided:
-        contexts = torch.cat([contexts, base.empty_context.expand_as(contexts)])
     for t in scheduler.timesteps:
-        model_in = torch.cat([x, x]) if guided else x
-        eps = base.unet_forward(model_in, t.expand(model_in.shape[0]), contexts)
-        if guided:
-            cond, uncond = eps.chunk(2)
-            eps = uncond + cfg.guidance * (cond - uncond)
-        x = scheduler.step(eps, t, x).prev_sample
+        x = scheduler.step(base.unet_forward(x, t.expand(x.shape[0]), contexts), t, x).prev_sample
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def sweep_inputs(base: BaseModel, cfg: DemoConfig) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed prompts and noise: every caption, ``seeds_per_prompt`` seeds each."""
-    n_captions = len(data.all_captions())
-    caption_index = torch.arange(n_captions).repeat_interleave(cfg.seeds_per_prompt)
-    noise = torch.cat(
-        [torch.randn(1, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(cfg.seed * 100003 + 7 + i)) for i in range(len(caption_index))]
+def sweep_prompts(cfg: DemoConfig) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(caption indices [P], noise [P, 3, S, S]): prompt m draws shape m//9, position m%9 and
+    hue m%6, so every 27 prompts cover all shapes and positions and every hue; one seed each."""
+    m = torch.arange(cfg.prompts)
+    hue, shape, position = m % len(data.HUE_NAMES), m // len(data.POSITION_NAMES) % len(data.SHAPES), m % len(data.POSITION_NAMES)
+    index = (hue * len(data.SHAPES) + shape) * len(data.POSITION_NAMES) + position
+    noise = torch.stack(
+        [torch.randn(3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i)) for i in range(cfg.prompts)]
     )
-    return caption_index, base.contexts[caption_index], noise
+    return index, noise
 
 
 @dataclass
@@ -323,49 +322,63 @@ class SweepResult:
     setting: str
     alphas: Dict[str, float]
     lambdas: List[float]
-    saturation: List[float]
-    value: List[float]
-    iou: List[float]  # mean foreground IoU against λ = 0 (same prompt, same seed)
-    centroid_shift: List[float]  # mean centre shift in pixels against λ = 0
-    position_accuracy: List[float]  # share of images whose shape sits at the captioned position
-    images: List[torch.Tensor] = field(repr=False, default_factory=list)
+    saturation: List[float] = field(default_factory=list)  # mean HSV saturation of the foreground
+    brightness: List[float] = field(default_factory=list)  # mean HSV value of the foreground
+    iou: List[float] = field(default_factory=list)  # mean foreground IoU with the base model's image (λ = 0)
+    shift: List[float] = field(default_factory=list)  # mean move of the foreground's centre from it, pixels
+    # Share of prompts whose hue / shape / position, read off the picture, are those of the base
+    # model's image.
+    same_hue: List[float] = field(default_factory=list)
+    same_shape: List[float] = field(default_factory=list)
+    same_position: List[float] = field(default_factory=list)
+    images: List[torch.Tensor] = field(default_factory=list, repr=False)
 
 
-def run_sweep(base: BaseModel, mixer: ValueMixer, cfg: DemoConfig, log: Callable[[str], None]):
-    caption_index, contexts, noise = sweep_inputs(base, cfg)
-    positions = data.caption_parts(caption_index)[2]
-    mixer.disarm()
-    base_images = sample(base, contexts, noise, cfg)  # hook installed but not armed: the base model
-    results: List[SweepResult] = []
-    mixer.arm()
-    try:
-        for name in cfg.settings:
-            alphas = SETTINGS[name]
-            mixer.set_alphas(alphas)
-            res = SweepResult(name, dict(alphas), list(cfg.lambdas), [], [], [], [], [])
-            reference = None
+def run_sweep(base: BaseModel, mixer: ValueMixer, base_images: torch.Tensor, cfg: DemoConfig, log: Callable[[str], None]) -> List[SweepResult]:
+    """One SweepResult per aesthetic setting, on the prompts and seeds of sweep_prompts(cfg);
+    content is compared with ``base_images``, the base model's samples of the same prompts and seeds."""
+    index, noise = sweep_prompts(cfg)
+    contexts = base.contexts[index]
+    reference = data.measure(base_images)
+    reference_content = data.content_classes(base_images, reference.masks)
+    results = []
+    for name in cfg.settings:
+        mixer.set_alphas(SETTINGS[name])
+        res = SweepResult(name, dict(SETTINGS[name]), list(cfg.lambdas))
+        mixer.arm()
+        try:
             for lam in cfg.lambdas:
                 mixer.strength = float(lam)
                 images = sample(base, contexts, noise, cfg)
                 m = data.measure(images)
-                if reference is None:
-                    reference = m
-                shift = (data.centroids(m.masks) - data.centroids(reference.masks)).norm(dim=-1)
+                moved = (data.centroids(m.masks) - data.centroids(reference.masks)).norm(dim=-1)
+                kept = (data.content_classes(images, m.masks) == reference_content).float().mean(0)
                 res.images.append(images)
                 res.saturation.append(m.saturation)
-                res.value.append(m.value)
+                res.brightness.append(m.brightness)
                 res.iou.append(float(data.mask_iou(m.masks, reference.masks).mean()))
-                res.centroid_shift.append(float(shift.nan_to_num(float(cfg.size)).mean()))
-                res.position_accuracy.append(float(data.position_correct(m.masks, positions).float().mean()))
-            log(f"  sampled setting {name!r} for λ = {', '.join(f'{l:g}' for l in cfg.lambdas)}")
-            results.append(res)
-    finally:
-        mixer.disarm()
-    return base_images, caption_index, results
+                res.shift.append(float(moved.nan_to_num(float(cfg.size)).mean()))
+                res.same_hue.append(float(kept[0]))
+                res.same_shape.append(float(kept[1]))
+                res.same_position.append(float(kept[2]))
+        finally:
+            mixer.disarm()
+        log(f"  sampled {cfg.prompts} prompts with {name}: " + ", ".join(f"{k}={v:g}" for k, v in SETTINGS[name].items()))
+        results.append(res)
+    return results
+
+
+def caption_accuracy(images: torch.Tensor, index: torch.Tensor) -> Dict[str, float]:
+    """Share of ``images`` whose hue, shape and position (read off the picture) match the caption."""
+    read = data.content_classes(images, data.measure(images).masks)
+    wanted = torch.stack(data.caption_parts(index), -1)
+    right = read == wanted
+    return {"hue": float(right[:, 0].float().mean()), "shape": float(right[:, 1].float().mean()),
+            "position": float(right[:, 2].float().mean()), "all": float(right.all(-1).float().mean())}
 
 
 # -- report -------------------------------------------------------------------------------------
-def is_increasing(values: Sequence[float]) -> bool:
+def increasing(values: Sequence[float]) -> bool:
     return all(b > a for a, b in zip(values, values[1:]))
 
 
@@ -373,147 +386,186 @@ def spread(values: Sequence[float]) -> float:
     return max(values) - min(values)
 
 
-def format_table(results: Sequence[SweepResult]) -> str:
-    lambdas = results[0].lambdas
-    head = f"{'setting':<10}{'measure':<16}" + "".join(f"{'λ=' + format(l, 'g'):>9}" for l in lambdas)
-    lines = [head, "-" * len(head)]
-    for res in results:
-        alphas = ",".join(f"{k}={v:g}" for k, v in res.alphas.items())
-        rows = [
-            ("saturation", res.saturation, "{:.3f}"),
-            ("brightness", res.value, "{:.3f}"),
-            ("IoU vs λ=0", res.iou, "{:.3f}"),
-            ("shift px", res.centroid_shift, "{:.2f}"),
-            ("position ok", res.position_accuracy, "{:.2f}"),
-        ]
-        for i, (label, values, fmt) in enumerate(rows):
-            first = res.setting if i == 0 else (f"({alphas})" if i == 1 else "")
-            lines.append(f"{first:<10}{label:<16}" + "".join(f"{fmt.format(v):>9}" for v in values))
-        lines.append("")
-    return "\n".join(lines).rstrip()
-
-
-def write_grid(path: str, results: Sequence[SweepResult], caption_index: torch.Tensor, cfg: DemoConfig) -> None:
-    """Rows = (setting, prompt), columns = λ; each cell one sample, scaled up without smoothing."""
-    from PIL import Image, ImageDraw
-
-    scale, size = cfg.grid_scale, cfg.size
-    cell = size * scale
-    pad = 2
-    label_w, head_h = 170, 16
-    picks = []
-    for prompt in cfg.grid_prompts:
-        hits = (caption_index == prompt).nonzero()
-        if len(hits):
-            picks.append((prompt, int(hits[0])))
-    rows = [(res, prompt, i) for res in results for prompt, i in picks]
-    width = label_w + len(cfg.lambdas) * (cell + pad)
-    height = head_h + len(rows) * (cell + pad)
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for j, lam in enumerate(cfg.lambdas):
-        draw.text((label_w + j * (cell + pad) + 2, 2), f"λ={lam:g}" if False else f"lambda={lam:g}", fill=(0, 0, 0))
-    captions = data.all_captions()
-    for r, (res, prompt, i) in enumerate(rows):
-        y = head_h + r * (cell + pad)
-        draw.text((2, y + 2), res.setting + " " + ",".join(f"{k[0]}={v:g}" for k, v in res.alphas.items()), fill=(0, 0, 0))
-        draw.text((2, y + 16), captions[prompt].replace("a ", "", 1), fill=(80, 80, 80))
-        for j, images in enumerate(res.images):
-            pixels = (images[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-            tile = Image.fromarray(pixels).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (label_w + j * (cell + pad), y))
-    canvas.save(path)
-
-
 def checks(results: Sequence[SweepResult]) -> Dict[str, object]:
+    """The paper's behaviour, as numbers: each dimension's property rises with λ when it is on and
+    stays put when everything is off ("none"); the side effect of each on the other property; how
+    much of the content survives.  Ranges are max - min over the λ sweep."""
     by = {r.setting: r for r in results}
     out: Dict[str, object] = {}
     if "color" in by:
-        out["color_on_saturation_increasing"] = is_increasing(by["color"].saturation)
-        out["color_on_saturation_spread"] = spread(by["color"].saturation)
-        out["color_on_min_iou"] = min(by["color"].iou)
-    off = [r for r in results if r.alphas.get("color") == 0.0]
-    if off:
-        out["color_off_saturation_spread"] = max(spread(r.saturation) for r in off)
+        out["saturation_rises_with_color_on"] = increasing(by["color"].saturation)
+        out["saturation_range_color_on"] = round(spread(by["color"].saturation), 4)
+        out["brightness_change_color_on"] = round(by["color"].brightness[-1] - by["color"].brightness[0], 4)
     if "lighting" in by:
-        out["lighting_on_brightness_increasing"] = is_increasing(by["lighting"].value)
+        out["brightness_rises_with_lighting_on"] = increasing(by["lighting"].brightness)
+        out["brightness_range_lighting_on"] = round(spread(by["lighting"].brightness), 4)
+        out["saturation_change_lighting_on"] = round(by["lighting"].saturation[-1] - by["lighting"].saturation[0], 4)
+    if "none" in by:
+        out["saturation_range_all_off"] = round(spread(by["none"].saturation), 4)
+        out["brightness_range_all_off"] = round(spread(by["none"].brightness), 4)
+    out["min_iou_vs_base"] = round(min(min(r.iou) for r in results), 4)
+    out["max_shift_px"] = round(max(max(r.shift) for r in results), 4)
+    for part in ("position", "hue", "shape"):
+        out[f"min_same_{part}"] = round(min(min(getattr(r, "same_" + part)) for r in results), 4)
     return out
 
 
-def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, object]:
-    """The whole demonstration; returns the report (and writes it to ``out_dir`` if given)."""
-    started = time.time()
-    with deterministic():
-        base = train_base(cfg, log)
-        mixer = train_adapter(base, cfg, log)
-        log(f"Sampling {len(data.all_captions()) * cfg.seeds_per_prompt} images per λ with DDIM, {cfg.sample_steps} steps")
-        try:
-            base_images, caption_index, results = run_sweep(base, mixer, cfg, log)
-        finally:
-            mixer.remove()
-    equal = all(torch.equal(r.images[r.lambdas.index(0.0)], base_images) for r in results if 0.0 in r.lambdas)
-    report = {
-        "config": asdict(cfg),
-        "dimensions": [d.to_json() for d in DIMENSIONS],
-        "lambda0_equals_base_bitwise": equal,
-        "results": [{k: v for k, v in asdict(r).items() if k != "images"} for r in results],
-        "checks": checks(results),
-        "seconds": round(time.time() - started, 1),
-    }
-    report["_results"] = results
-    report["_base_images"] = base_images
-    report["_caption_index"] = caption_index
-    if out_dir:
-        write_outputs(out_dir, report, cfg)
-    return report
+def format_table(results: Sequence[SweepResult]) -> str:
+    lambdas = results[0].lambdas
+    head = f"{'setting':<22}{'measure':<15}" + "".join(f"{'λ=' + format(l, 'g'):>8}" for l in lambdas)
+    lines = [head, "-" * len(head)]
+    for res in results:
+        rows = [
+            ("saturation", res.saturation, "{:.3f}"),
+            ("brightness", res.brightness, "{:.3f}"),
+            ("IoU vs base", res.iou, "{:.3f}"),
+            ("shift (px)", res.shift, "{:.2f}"),
+            ("same position", res.same_position, "{:.2f}"),
+            ("same hue", res.same_hue, "{:.2f}"),
+            ("same shape", res.same_shape, "{:.2f}"),
+        ]
+        for i, (label, values, fmt) in enumerate(rows):
+            first = res.setting if i == 0 else ("(" + ", ".join(f"{k}={v:g}" for k, v in res.alphas.items()) + ")" if i == 1 else "")
+            lines.append(f"{first:<22}{label:<15}" + "".join(f"{fmt.format(v):>8}" for v in values))
+    return "\n".join(lines)
 
 
-def write_outputs(out_dir: str, report: Mapping[str, object], cfg: DemoConfig) -> Dict[str, str]:
+def write_grid(path: str, results: Sequence[SweepResult], index: torch.Tensor, cfg: DemoConfig) -> None:
+    """Rows = (setting, prompt), columns = λ; each cell one sample, enlarged without smoothing."""
+    from PIL import Image, ImageDraw
+
+    cell, pad, label_w, head_h = cfg.size * cfg.grid_scale, 2, 190, 16
+    picks = [p for p in cfg.grid_prompts if p < len(index)]
+    rows = [(res, p) for res in results for p in picks]
+    canvas = Image.new("RGB", (label_w + len(cfg.lambdas) * (cell + pad), head_h + len(rows) * (cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, lam in enumerate(cfg.lambdas):
+        draw.text((label_w + j * (cell + pad) + 2, 2), f"lambda = {lam:g}", fill="black")
+    captions = data.all_captions()
+    for r, (res, p) in enumerate(rows):
+        y = head_h + r * (cell + pad)
+        draw.text((2, y + 4), res.setting + ": " + ", ".join(f"{k}={v:g}" for k, v in res.alphas.items()), fill="black")
+        draw.text((2, y + 20), captions[int(index[p])], fill=(90, 90, 90))
+        for j, images in enumerate(res.images):
+            pixels = (images[p].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            canvas.paste(Image.fromarray(pixels).resize((cell, cell), Image.NEAREST), (label_w + j * (cell + pad), y))
+    canvas.save(path)
+
+
+def write_outputs(out_dir: str, report: Dict[str, object], results: Sequence[SweepResult], index: torch.Tensor, cfg: DemoConfig) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
-    paths = {k: os.path.join(out_dir, n) for k, n in (("grid", "grid.png"), ("json", "results.json"), ("csv", "results.csv"))}
-    results: Sequence[SweepResult] = report["_results"]
-    write_grid(paths["grid"], results, report["_caption_index"], cfg)
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in report.items() if not k.startswith("_")}, f, indent=2)
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
+    paths = {name: os.path.join(out_dir, name) for name in ("grid.png", "results.json", "results.csv")}
+    write_grid(paths["grid.png"], results, index, cfg)
+    with open(paths["results.json"], "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    with open(paths["results.csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["setting", "alpha_color", "alpha_lighting", "lambda", "saturation", "brightness", "iou_vs_lambda0", "centroid_shift_px", "position_accuracy"])
+        w.writerow(["setting", "alpha_color", "alpha_lighting", "lambda", "saturation", "brightness", "iou_vs_base", "shift_px", "same_position", "same_hue", "same_shape"])
         for r in results:
             for i, lam in enumerate(r.lambdas):
-                w.writerow([r.setting, r.alphas["color"], r.alphas["lighting"], lam, f"{r.saturation[i]:.4f}", f"{r.value[i]:.4f}",
-                            f"{r.iou[i]:.4f}", f"{r.centroid_shift[i]:.3f}", f"{r.position_accuracy[i]:.3f}"])
+                w.writerow([r.setting, r.alphas["color"], r.alphas["lighting"], lam, f"{r.saturation[i]:.4f}", f"{r.brightness[i]:.4f}",
+                            f"{r.iou[i]:.4f}", f"{r.shift[i]:.3f}", f"{r.same_position[i]:.3f}", f"{r.same_hue[i]:.3f}", f"{r.same_shape[i]:.3f}"])
     return paths
 
 
 @contextlib.contextmanager
-def deterministic():
-    """Deterministic kernels for the run; the caller's setting is restored afterwards."""
-    previous = torch.are_deterministic_algorithms_enabled()
+def reproducible(threads: int):
+    """Deterministic kernels and a fixed thread count for the run; restored afterwards."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+@dataclass
+class DemoRun:
+    report: Dict[str, object]  # what results.json holds
+    results: List[SweepResult]
+    base_images: torch.Tensor  # the base model's samples, same prompts and seeds
+    index: torch.Tensor  # caption index of each sweep prompt
+
+
+def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str], None] = print) -> DemoRun:
+    """The whole demonstration; writes grid.png, results.json and results.csv to ``out_dir``."""
+    started = time.time()
+    with reproducible(cfg.threads):
+        base = train_base(cfg, log)
+        adapter = train_adapter(base, cfg, log)
+        log(f"Sampling {cfg.prompts} prompts for λ = {', '.join(f'{l:g}' for l in cfg.lambdas)} (DDIM, {cfg.sample_steps} steps)")
+        index, noise = sweep_prompts(cfg)
+        base_images = sample(base, base.contexts[index], noise, cfg)  # no hook anywhere: the base model
+        # Sampling goes through a fresh ValueMixer, as in the extension.
+        mixer = ValueMixer(adapter, strict=True).install(base.unet)
+        try:
+            results = run_sweep(base, mixer, base_images, cfg, log)
+        finally:
+            mixer.remove()
+    report = {
+        "config": asdict(cfg),
+        "dimensions": [d.to_json() for d in DIMENSIONS],
+        "settings": {r.setting: r.alphas for r in results},
+        "lambda0_equals_base_bitwise": all(torch.equal(r.images[r.lambdas.index(0.0)], base_images) for r in results if 0.0 in r.lambdas),
+        "base_model_draws_the_caption": caption_accuracy(base_images, index),
+        "results": [{k: v for k, v in asdict(r).items() if k != "images"} for r in results],
+        "checks": checks(results),
+        "seconds": round(time.time() - started, 1),
+    }
+    if out_dir:
+        write_outputs(out_dir, report, results, index, cfg)
+    return DemoRun(report, results, base_images, index)
 
 
 # -- command line -------------------------------------------------------------------------------
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vmix_lib.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vmix_lib.demo",
+        description="VMix end to end on a CPU in minutes, nothing downloaded: trains a small text-to-image model and a "
+        "VMix adapter on synthetic pictures, then measures saturation, brightness and content over a λ sweep.",
+    )
     parser.add_argument("--out", default=os.path.join("out", "vmix-demo"), help="output folder (default: out/vmix-demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling (default 0)")
-    parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute) for a first look")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling (default: 0)")
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run: less training, fewer prompts")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1; more is faster on an idle machine, and the numbers then differ slightly)")
     args = parser.parse_args(argv)
-    cfg = replace(QUICK if args.quick else FULL, seed=args.seed)
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    report = run_demo(cfg, args.out, log)
-    print(format_table(report["_results"]))
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, threads=args.threads)
+    missing = [name for name in ("diffusers", "transformers", "PIL") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"VMix demo: needs {', '.join(missing)}, which this Python lacks; install the pinned versions with "
+              "'pip install -r requirements-train.txt'.", file=sys.stderr)
+        return 1
+    try:  # fail now, not after minutes of training
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as e:
+        print(f"VMix demo: cannot write to {args.out!r} ({e.strerror or e}); choose another folder with --out.", file=sys.stderr)
+        return 1
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    run = run_demo(cfg, args.out, log)
+    c, drawn = run.report["checks"], run.report["base_model_draws_the_caption"]
+    print(format_table(run.results))
     print()
-    c = report["checks"]
-    print(f"λ = 0 equals the base model bit for bit: {'yes' if report['lambda0_equals_base_bitwise'] else 'NO'}")
-    if "color_on_saturation_increasing" in c:
-        print(f"saturation rises monotonically with λ when color is on: {'yes' if c['color_on_saturation_increasing'] else 'NO'} "
-              f"(spread {c['color_on_saturation_spread']:.3f}; with color off: {c['color_off_saturation_spread']:.3f})")
-    print(f"wrote {os.path.join(args.out, 'grid.png')}, results.json and results.csv ({report['seconds']:.0f} s)")
+    print(f"The base model draws the captioned hue {drawn['hue']:.0%}, shape {drawn['shape']:.0%}, "
+          f"position {drawn['position']:.0%} of the time (all three {drawn['all']:.0%}).")
+    print(f"λ = 0 gives the base model's images bit for bit: {'yes' if run.report['lambda0_equals_base_bitwise'] else 'NO'}")
+    if "color" in cfg.settings:
+        print(f"color on: saturation rises with λ: {'yes' if c['saturation_rises_with_color_on'] else 'NO'} "
+              f"(range {c['saturation_range_color_on']:.3f}; brightness changes by {c['brightness_change_color_on']:+.3f})")
+    if "lighting" in cfg.settings:
+        print(f"lighting on: brightness rises with λ: {'yes' if c['brightness_rises_with_lighting_on'] else 'NO'} "
+              f"(range {c['brightness_range_lighting_on']:.3f}; saturation changes by {c['saturation_change_lighting_on']:+.3f})")
+    if "none" in cfg.settings:
+        print(f"everything off: saturation range {c['saturation_range_all_off']:.3f}, brightness range {c['brightness_range_all_off']:.3f}")
+    print(f"content vs the base model's image: foreground IoU >= {c['min_iou_vs_base']:.2f}, centre moved <= "
+          f"{c['max_shift_px']:.2f} px; same position >= {c['min_same_position']:.0%}, hue >= {c['min_same_hue']:.0%}, "
+          f"shape >= {c['min_same_shape']:.0%} (read off the pictures)")
+    print(f"wrote {os.path.join(args.out, 'grid.png')}, results.json and results.csv in {run.report['seconds']:.0f} s")
     return 0
 
 

@@ -1,16 +1,17 @@
 """Synthetic data and measurements for the VMix demonstration (``python -m vmix_lib.demo``).
 
-Images are one filled shape (circle, square or triangle) on black, drawn with torch alone.
-The caption names the content: shape and position ("a circle at the top left").  Colour hue and
-the shape's size vary freely and are not captioned.  Two appearance properties play the part of
-aesthetic dimensions, each with a range for ordinary images and one for "superior" images:
+Each image is one filled shape on black, drawn with torch alone.  The caption names the content:
+hue, shape and position ("a red circle at the top left"); the size varies and is not captioned.
+Two appearance properties play the aesthetic dimensions:
 
-    color     HSV saturation   ordinary 0.15–0.65   superior ("vibrant color") 0.85–1.00
-    lighting  HSV value        ordinary 0.45–0.75   superior ("natural lighting") 0.90–1.00
+    color     HSV saturation   any image 0.15–1.00   labelled "vibrant color"     0.85–1.00
+    lighting  HSV value        any image 0.45–1.00   labelled "natural lighting"  0.90–1.00
 
-The base model is trained on ordinary images only, so on its own it draws middling saturation
-and brightness.  The adapter is trained on a set where each image is superior or ordinary in
-each dimension independently, labelled as such (ordinary = inferior/missing, as in the paper).
+The base model learns from unlabelled images, so on its own it draws middling saturation and
+brightness (means about 0.58 and 0.72).  The adapter learns from a set in which each image is,
+independently per dimension, either labelled superior (and then vivid, or bright) or not
+labelled (then an ordinary image, like the base model's; "missing = inferior" as in the paper).
+So the positive label asks for more than usual, the negative one for what is usual.
 """
 from __future__ import annotations
 
@@ -34,13 +35,16 @@ POSITION_NAMES = tuple(POSITIONS)
 HUES: Dict[str, float] = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
 HUE_NAMES = tuple(HUES)
 
-ORDINARY_SATURATION = (0.15, 0.65)
+ORDINARY_SATURATION = (0.15, 1.0)
 SUPERIOR_SATURATION = (0.85, 1.0)
-ORDINARY_VALUE = (0.45, 0.75)
+ORDINARY_VALUE = (0.45, 1.0)
 SUPERIOR_VALUE = (0.9, 1.0)
 RADIUS = (0.18, 0.24)  # of the image side; the shapes have the area of a circle of this radius
 JITTER = 0.04  # of the image side, around the named position
-FOREGROUND_VALUE = 0.25  # a pixel is foreground when its HSV value exceeds this (background is black)
+# A pixel is foreground when its HSV value exceeds half the image's brightest pixel (the
+# background is black); relative, so that a brighter or duller shape keeps the same outline.
+FOREGROUND_FRACTION = 0.5
+FOREGROUND_FLOOR = 0.1
 
 
 def caption(hue: int, shape: int, position: int) -> str:
@@ -178,7 +182,7 @@ def saturation_value(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def mean_hue(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """[B] circular mean HSV hue in [0, 1) of each image's foreground, weighted by saturation."""
+    """[B] circular mean hue in [0, 1) of each image's foreground, weighted by chroma."""
     r, g, b = images.clamp(0, 1).unbind(1)
     # Hue angle from the opponent axes (the hexagonal hue of HSV, smoothed): exact at the six named hues.
     x = r - (g + b) / 2
@@ -188,34 +192,38 @@ def mean_hue(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (angle / (2 * math.pi)) % 1.0
 
 
-def hue_correct(images: torch.Tensor, masks: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
-    """[B] bool: the foreground's mean hue is nearest the captioned hue."""
+def nearest_hue(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[B] index into HUE_NAMES of the named hue nearest the foreground's mean hue."""
     names = torch.tensor(list(HUES.values()))
     d = (mean_hue(images, masks).unsqueeze(-1) - names).abs()
-    return torch.minimum(d, 1 - d).argmin(-1) == hue
+    return torch.minimum(d, 1 - d).argmin(-1)
+
+
+def hue_correct(images: torch.Tensor, masks: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the foreground's mean hue is nearest the captioned hue."""
+    return nearest_hue(images, masks) == hue
 
 
 def foreground(images: torch.Tensor) -> torch.Tensor:
-    """Boolean foreground mask [B, S, S] (the background is black)."""
-    return saturation_value(images)[1] > FOREGROUND_VALUE
+    """Boolean foreground mask [B, S, S]."""
+    value = saturation_value(images)[1]
+    peak = value.flatten(1).amax(1).view(-1, 1, 1)
+    return value > torch.clamp(peak * FOREGROUND_FRACTION, min=FOREGROUND_FLOOR)
 
 
 @dataclass
 class Measures:
     saturation: float  # mean HSV saturation over all foreground pixels
-    value: float  # mean HSV value (brightness) over all foreground pixels
-    per_image_saturation: torch.Tensor  # [B] (NaN where an image has no foreground)
+    brightness: float  # mean HSV value over all foreground pixels
     masks: torch.Tensor  # [B, S, S] bool
 
 
 def measure(images: torch.Tensor) -> Measures:
     sat, val = saturation_value(images)
-    mask = val > FOREGROUND_VALUE
-    m = mask.float()
+    masks = foreground(images)
+    m = masks.float()
     total = m.sum().clamp_min(1.0)
-    counts = m.flatten(1).sum(1)
-    per_image = torch.where(counts > 0, (sat * m).flatten(1).sum(1) / counts.clamp_min(1), torch.full_like(counts, float("nan")))
-    return Measures(float((sat * m).sum() / total), float((val * m).sum() / total), per_image, mask)
+    return Measures(float((sat * m).sum() / total), float((val * m).sum() / total), masks)
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -227,20 +235,59 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def centroids(masks: torch.Tensor) -> torch.Tensor:
     """[B, 2] (x, y) centre of each mask in pixels (NaN for an empty mask)."""
-    b, h, w = masks.shape
+    _, h, w = masks.shape
     m = masks.float()
     area = m.flatten(1).sum(1)
     ys = torch.arange(h, dtype=torch.float32).view(1, h, 1) + 0.5
     xs = torch.arange(w, dtype=torch.float32).view(1, 1, w) + 0.5
-    cx = (m * xs).flatten(1).sum(1) / area
-    cy = (m * ys).flatten(1).sum(1) / area
-    return torch.stack([cx, cy], -1)
+    return torch.stack([(m * xs).flatten(1).sum(1) / area, (m * ys).flatten(1).sum(1) / area], -1)
+
+
+def nearest_position(masks: torch.Tensor) -> torch.Tensor:
+    """[B] index into POSITION_NAMES of the named position nearest the mask's centre."""
+    centres = torch.tensor([POSITIONS[p] for p in POSITION_NAMES]) * masks.shape[-1]  # [P, 2]
+    return torch.cdist(centroids(masks).nan_to_num(-1e3), centres).argmin(-1)
 
 
 def position_correct(masks: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """[B] bool: the mask's centre is nearer the captioned position than any other position."""
+    return nearest_position(masks) == position
+
+
+def fill_ratio(masks: torch.Tensor) -> torch.Tensor:
+    """[B] mask area over its bounding-box area: about 0.8 circle, 1.0 square, 0.6 triangle."""
+    rows, cols = masks.any(2), masks.any(1)
+    height = _extent(rows)
+    width = _extent(cols)
+    area = masks.flatten(1).sum(1).float()
+    return area / (height * width).clamp_min(1)
+
+
+def _extent(occupied: torch.Tensor) -> torch.Tensor:
+    idx = torch.arange(occupied.shape[1]).expand_as(occupied)
+    first = torch.where(occupied, idx, occupied.shape[1]).amin(1)
+    last = torch.where(occupied, idx, -1).amax(1)
+    return (last - first + 1).clamp_min(0).float()
+
+
+_PROTOTYPES: Dict[int, torch.Tensor] = {}
+
+
+def nearest_shape(masks: torch.Tensor) -> torch.Tensor:
+    """[B] index into SHAPES of the shape whose fill ratio (as drawn here) is nearest the mask's."""
     size = masks.shape[-1]
-    centres = torch.tensor([POSITIONS[p] for p in POSITION_NAMES]) * size  # [P, 2]
-    c = centroids(masks)
-    nearest = torch.cdist(c.nan_to_num(-1e3), centres).argmin(-1)
-    return nearest == position
+    if size not in _PROTOTYPES:
+        drawn = make_images(600, size, torch.Generator().manual_seed(0))
+        ratio = fill_ratio(foreground(drawn.images))
+        _PROTOTYPES[size] = torch.stack([ratio[drawn.shape == k].mean() for k in range(len(SHAPES))])
+    return (fill_ratio(masks).unsqueeze(-1) - _PROTOTYPES[size]).abs().argmin(-1)
+
+
+def shape_correct(masks: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the mask's fill ratio is nearest that of the captioned shape (as drawn here)."""
+    return nearest_shape(masks) == shape
+
+
+def content_classes(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[B, 3] (hue, shape, position) indices as read off the pictures, in caption_parts' order."""
+    return torch.stack([nearest_hue(images, masks), nearest_shape(masks), nearest_position(masks)], -1)
