@@ -64,6 +64,7 @@ class DemoConfig:
     base_images: int = 8192
     adapter_images: int = 8192
     superior_fraction: Tuple[float, float] = (0.5, 0.5)  # (color, lighting) in the adapter's data
+    appearance: data.Appearance = data.DEFAULT_APPEARANCE  # what ordinary and superior look like
     batch: int = 32
     base_steps: int = 1500
     base_lr: float = 2e-3
@@ -77,6 +78,13 @@ class DemoConfig:
     grid_scale: int = 4
     threads: int = 1  # torch CPU threads (1: no slowdown from oversubscribed OpenMP threads on a
     # busy machine, and the numbers of the README within floating-point noise)
+
+    def __post_init__(self):
+        unknown = [name for name in self.settings if name not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown demo setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+        if list(self.lambdas) != sorted(self.lambdas) or not self.lambdas or self.lambdas[0] < 0:
+            raise ValueError(f"lambdas must be ascending and non-negative, got {self.lambdas}")
 
 
 FULL = DemoConfig()
@@ -248,7 +256,7 @@ def train_base(cfg: DemoConfig, log: Callable[[str], None]) -> BaseModel:
         contexts = text_encoder(tokenizer(captions)).last_hidden_state
     base = BaseModel(tokenizer, text_encoder, unet, build_scheduler(cfg), contexts)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    dataset = data.make_images(cfg.base_images, cfg.size, g)
+    dataset = data.make_images(cfg.base_images, cfg.size, g, appearance=cfg.appearance)
     images, caption_index = dataset.images * 2 - 1, dataset.caption_index()
     alphas_cumprod = base.scheduler.alphas_cumprod
 
@@ -270,9 +278,11 @@ def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) 
 
     aes_emb = build_aes_emb(base.encode_pooled, DIMENSIONS)
     # family "demo": this UNet is not an SD1.5/SDXL layout (nothing checks the family in memory).
-    adapter = VMixAdapter.for_unet(base.unet, aes_emb, family="demo", dimensions=DIMENSIONS)
+    with torch.random.fork_rng():  # the projection's token Linear starts random: seeded, as in the trainer
+        torch.manual_seed(cfg.seed + 4)
+        adapter = VMixAdapter.for_unet(base.unet, aes_emb, family="demo", dimensions=DIMENSIONS)
     g = torch.Generator().manual_seed(cfg.seed + 2)
-    dataset = data.make_images(cfg.adapter_images, cfg.size, g, superior_fraction=cfg.superior_fraction)
+    dataset = data.make_images(cfg.adapter_images, cfg.size, g, superior_fraction=cfg.superior_fraction, appearance=cfg.appearance)
     images, caption_index, labels = dataset.images * 2 - 1, dataset.caption_index(), dataset.labels
 
     def batches():
@@ -508,7 +518,10 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str]
         "config": asdict(cfg),
         "dimensions": [d.to_json() for d in DIMENSIONS],
         "settings": {r.setting: r.alphas for r in results},
-        "lambda0_equals_base_bitwise": all(torch.equal(r.images[r.lambdas.index(0.0)], base_images) for r in results if 0.0 in r.lambdas),
+        # None when λ = 0 is not swept.
+        "lambda0_equals_base_bitwise": (
+            all(torch.equal(r.images[0], base_images) for r in results) if cfg.lambdas[0] == 0.0 else None
+        ),
         "base_model_draws_the_caption": caption_accuracy(base_images, index),
         "results": [{k: v for k, v in asdict(r).items() if k != "images"} for r in results],
         "checks": checks(results),
@@ -553,7 +566,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print(f"The base model draws the captioned hue {drawn['hue']:.0%}, shape {drawn['shape']:.0%}, "
           f"position {drawn['position']:.0%} of the time (all three {drawn['all']:.0%}).")
-    print(f"λ = 0 gives the base model's images bit for bit: {'yes' if run.report['lambda0_equals_base_bitwise'] else 'NO'}")
+    if run.report["lambda0_equals_base_bitwise"] is not None:
+        print(f"λ = 0 gives the base model's images bit for bit: {'yes' if run.report['lambda0_equals_base_bitwise'] else 'NO'}")
     if "color" in cfg.settings:
         print(f"color on: saturation rises with λ: {'yes' if c['saturation_rises_with_color_on'] else 'NO'} "
               f"(range {c['saturation_range_color_on']:.3f}; brightness changes by {c['brightness_change_color_on']:+.3f})")

@@ -35,10 +35,24 @@ POSITION_NAMES = tuple(POSITIONS)
 HUES: Dict[str, float] = {"red": 0.0, "yellow": 1 / 6, "green": 2 / 6, "cyan": 3 / 6, "blue": 4 / 6, "magenta": 5 / 6}
 HUE_NAMES = tuple(HUES)
 
-ORDINARY_SATURATION = (0.15, 1.0)
-SUPERIOR_SATURATION = (0.85, 1.0)
-ORDINARY_VALUE = (0.45, 1.0)
-SUPERIOR_VALUE = (0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class Appearance:
+    """The HSV ranges pictures are drawn from: any picture (ordinary) and labelled superior."""
+
+    ordinary_saturation: Tuple[float, float] = (0.15, 1.0)
+    superior_saturation: Tuple[float, float] = (0.85, 1.0)
+    ordinary_value: Tuple[float, float] = (0.45, 1.0)
+    superior_value: Tuple[float, float] = (0.9, 1.0)
+
+    def __post_init__(self):
+        for name, (lo, hi) in vars(self).items():
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{name} must be a range (low, high) within 0..1, got ({lo}, {hi})")
+
+
+DEFAULT_APPEARANCE = Appearance()
 RADIUS = (0.18, 0.24)  # of the image side; the shapes have the area of a circle of this radius
 JITTER = 0.04  # of the image side, around the named position
 # A pixel is foreground when its HSV value exceeds half the image's brightest pixel (the
@@ -148,10 +162,15 @@ def _uniform(n: int, bounds: Tuple[float, float], g: torch.Generator) -> torch.T
 
 
 def make_images(
-    count: int, size: int, generator: torch.Generator, superior_fraction: Optional[Tuple[float, float]] = None
+    count: int,
+    size: int,
+    generator: torch.Generator,
+    superior_fraction: Optional[Tuple[float, float]] = None,
+    appearance: Appearance = DEFAULT_APPEARANCE,
 ) -> ImageSet:
     """``count`` random images.  ``superior_fraction`` = (color, lighting) share of superior
     images, each drawn independently; None = ordinary images only (the base model's data)."""
+    a = appearance
     g = generator
     shape = torch.randint(0, len(SHAPES), (count,), generator=g)
     position = torch.randint(0, len(POSITION_NAMES), (count,), generator=g)
@@ -163,8 +182,8 @@ def make_images(
     labels = torch.zeros(count, 2)
     if superior_fraction is not None:
         labels = (torch.rand(count, 2, generator=g) < torch.tensor(superior_fraction)).float()
-    saturation = torch.where(labels[:, 0] > 0, _uniform(count, SUPERIOR_SATURATION, g), _uniform(count, ORDINARY_SATURATION, g))
-    value = torch.where(labels[:, 1] > 0, _uniform(count, SUPERIOR_VALUE, g), _uniform(count, ORDINARY_VALUE, g))
+    saturation = torch.where(labels[:, 0] > 0, _uniform(count, a.superior_saturation, g), _uniform(count, a.ordinary_saturation, g))
+    value = torch.where(labels[:, 1] > 0, _uniform(count, a.superior_value, g), _uniform(count, a.ordinary_value, g))
     coverage = shape_masks(shape, cx, cy, radius, size)
     colour = hsv_to_rgb(torch.tensor(list(HUES.values()))[hue], saturation, value)  # [B, 3]
     images = coverage.unsqueeze(1) * colour.view(count, 3, 1, 1)
