@@ -15,6 +15,7 @@ from vmix_lib.dimensions import DEFAULT_DIMENSIONS
 from vmix_lib.hook import AdapterMismatch, ValueMixer, check_fit
 from vmix_lib.layers import SD15_LAYOUT, find_cross_attention_layers
 from vmix_lib.mixing import VMixAdapter
+from vmix_lib.train.checkpoint_loading import shipped_unet_config
 
 TRAINING = {"steps": 1200, "dataset": "my-aesthetic-set", "lr": 1e-4, "lora": None}
 FIRST = "values.input_blocks.1.1.transformer_blocks.0.attn2.weight"
@@ -310,25 +311,8 @@ def meta_unet(config):
         return UNet2DConditionModel(**config)
 
 
-SD15_UNET = dict(
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SDXL_UNET = dict(
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
+SD15_UNET = shipped_unet_config("sd15")
+SDXL_UNET = shipped_unet_config("sdxl")
 
 
 def hook_count(module):

@@ -10,7 +10,7 @@ from vmix_lib.layers import detect_family, find_cross_attention_layers
 from vmix_lib.train import ldm_names
 from vmix_lib.train.checkpoint_loading import (
     TensorDict,
-    _clean,
+    clean_config,
     build_components,
     inspect_checkpoint,
     load_base_model,
@@ -33,11 +33,11 @@ def _meta_models(family):
 
     cfgs = model_configs(family)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(_clean(cfgs["unet"]))
-        vae = AutoencoderKL.from_config(_clean(cfgs["vae"]))
-        encoders = [CLIPTextModel(CLIPTextConfig(**_clean(cfgs["text_encoder"])))]
+        unet = UNet2DConditionModel.from_config(clean_config(cfgs["unet"]))
+        vae = AutoencoderKL.from_config(clean_config(cfgs["vae"]))
+        encoders = [CLIPTextModel(CLIPTextConfig(**clean_config(cfgs["text_encoder"])))]
         if family == "sdxl":
-            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**_clean(cfgs["text_encoder_2"]))))
+            encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**clean_config(cfgs["text_encoder_2"]))))
     return cfgs, unet, vae, encoders
 
 

@@ -7,7 +7,7 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from vmix_lib.train import ldm_names
-from vmix_lib.train.checkpoint_loading import _clean, model_configs
+from vmix_lib.train.checkpoint_loading import shipped_unet_config
 from vmix_lib.train.lora import LoRANetwork, kohya_name, select_layers
 
 from test_train_helpers import file_tensors, tiny_unet
@@ -15,7 +15,7 @@ from test_train_helpers import file_tensors, tiny_unet
 
 def _meta_unet(family):
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(_clean(model_configs(family)["unet"]))
+        return UNet2DConditionModel.from_config(shipped_unet_config(family))
 
 
 def _webui_modules(unet):

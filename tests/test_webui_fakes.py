@@ -33,6 +33,7 @@ from vmix_lib.dimensions import DEFAULT_DIMENSIONS
 from vmix_lib.layers import LAYOUTS, LayerInfo, find_cross_attention_layers
 from vmix_lib.mixing import VMixAdapter
 from vmix_lib.webui.host import WebUIHost, job_key_of
+from vmix_lib.webui.library import AdapterLibrary
 
 QUERY_DIM = 8  # the UNet's own channel width does not matter to the glue; keep it tiny
 
@@ -191,6 +192,17 @@ def make_adapter(layout: Sequence[LayerInfo], family: str = "sd15", seed: int = 
         for name in adapter.layer_names:
             adapter.value(name).weight.normal_(std=d ** -0.5)
     return adapter.eval().requires_grad_(False)
+
+
+def value_hook_count(unet: nn.Module) -> int:
+    """How many VMix to_v hooks sit on ``unet``'s modules."""
+    return sum(1 for m in unet.modules() for fn in m._forward_hooks.values() if getattr(fn, "_vmix_value_hook", False))
+
+
+def placeholder_library(folder, adapter: VMixAdapter) -> AdapterLibrary:
+    """A library listing one adapter, "tiny", whose loader returns ``adapter`` (no file is read)."""
+    (folder / "tiny.safetensors").write_bytes(b"placeholder: the loader returns the tiny adapter")
+    return AdapterLibrary(lambda: str(folder), loader=lambda path, device: adapter)
 
 
 # ---------------------------------------------------------------- the WebUI around the model

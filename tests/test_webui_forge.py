@@ -7,17 +7,12 @@ import torch
 from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
     single_thread,
     QUERY_DIM, TINY_CONTEXT, TINY_HEADS, ForgeModel, P, Predictor, TestHost, attention, forge_unet_call,
-    make_adapter, make_unet, tiny_layout,
+    make_adapter, make_unet, placeholder_library, tiny_layout, value_hook_count,
 )
-from vmix_lib.webui.library import AdapterLibrary
 from vmix_lib.webui.lifecycle import has_forge_patch, vmix_attn2_patch
 from vmix_lib.webui.runner import VMixRunner
 
 LAYOUT = tiny_layout()
-
-
-def vmix_hooks(unet):
-    return sum(1 for m in unet.modules() for fn in m._forward_hooks.values() if getattr(fn, "_vmix_value_hook", False))
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +22,14 @@ def adapter():
 
 @pytest.fixture
 def setup(tmp_path, adapter):
-    (tmp_path / "tiny.safetensors").write_bytes(b"placeholder")
-    library = AdapterLibrary(lambda: str(tmp_path), loader=lambda path, device: adapter)
+    library = placeholder_library(tmp_path, adapter)
     unet = make_unet(LAYOUT)
     model = ForgeModel(unet)
     host = TestHost(model)
     runner = VMixRunner(host, library)
     yield runner, host, model, unet
     runner.shutdown()
-    assert vmix_hooks(unet) == 0
+    assert value_hook_count(unet) == 0
 
 
 def data(seed=0):
@@ -63,7 +57,7 @@ def test_patch_goes_on_a_clone_and_hooks_on_the_shared_modules(setup):
     assert patched is not original and patched.model is original.model
     assert not has_forge_patch(original)
     assert patched.model_options["transformer_options"]["patches"]["attn2_patch"] == [vmix_attn2_patch]
-    assert vmix_hooks(unet) == 16
+    assert value_hook_count(unet) == 16
     # a later clone (another extension) keeps our plain function itself, not a deep copy
     assert patched.clone().model_options["transformer_options"]["patches"]["attn2_patch"][0] is vmix_attn2_patch
 
@@ -80,7 +74,7 @@ def test_hires_double_call_and_reset(setup):
     model.forge_objects.unet = original  # forge_objects = forge_objects_after_applying_lora.shallow_copy()
     runner.before_sampling(p)
     assert model.forge_objects.unet is not original and has_forge_patch(model.forge_objects.unet)
-    assert vmix_hooks(unet) == 16
+    assert value_hook_count(unet) == 16
 
 
 def ip_adapter_like_replace(ip_k, ip_v, weight, seen):
@@ -124,7 +118,7 @@ def test_composes_with_an_attn2_replace_patch(setup, adapter):
     assert torch.allclose(v, expected, atol=1e-5)
 
     runner.postprocess(p)
-    assert vmix_hooks(unet) == 0
+    assert value_hook_count(unet) == 0
     assert torch.equal(forge_unet_call(ip, x, [u, c], [1, 0], 1.0), ip_only)  # bit-identical after
 
 
@@ -185,7 +179,7 @@ def test_leftover_patch_and_hooks_are_inert_and_removed_next_time(setup):
     host.begin_job("20250101000200")
     model.forge_objects.unet = original
     runner.process(P(model), [False])
-    assert vmix_hooks(unet) == 0
+    assert value_hook_count(unet) == 0
     assert torch.equal(forge_unet_call(kept, x, [c, u], [0, 1], 1.0), base)
 
 
@@ -198,12 +192,12 @@ def test_refiner_switch_patches_in_place_and_strips_it_after(setup):
     base = forge_unet_call(refiner.forge_objects.unet, x, [c, u], [0, 1], 1.0)
     host.model = refiner  # apply_refiner reloaded the model; no script hook runs
     runner.on_cfg_denoiser(__import__("test_webui_fakes").cfg_params(4, None, None, step=6))
-    assert vmix_hooks(refiner_unet) == 16 and vmix_hooks(unet) == 0
+    assert value_hook_count(refiner_unet) == 16 and value_hook_count(unet) == 0
     assert has_forge_patch(refiner.forge_objects.unet)
     out = forge_unet_call(refiner.forge_objects.unet, x, [c, u], [0, 1], 1.0)
     assert (out - base).abs().max() > 1e-3
     runner.postprocess(p)
-    assert not has_forge_patch(refiner.forge_objects.unet) and vmix_hooks(refiner_unet) == 0
+    assert not has_forge_patch(refiner.forge_objects.unet) and value_hook_count(refiner_unet) == 0
     assert "attn2_patch" not in refiner.forge_objects.unet.model_options["transformer_options"].get("patches", {})
     assert torch.equal(forge_unet_call(refiner.forge_objects.unet, x, [c, u], [0, 1], 1.0), base)
 

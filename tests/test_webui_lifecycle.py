@@ -6,10 +6,10 @@ import torch
 
 from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
     single_thread,
-    QUERY_DIM, TINY_CONTEXT, A1111Model, P, TestHost, a1111_denoise, make_adapter, make_unet, tiny_layout,
+    QUERY_DIM, TINY_CONTEXT, A1111Model, P, TestHost, a1111_denoise, make_adapter, make_unet, placeholder_library,
+    tiny_layout, value_hook_count,
 )
 from vmix_lib.hook import ValueMixer
-from vmix_lib.webui.library import AdapterLibrary
 from vmix_lib.webui.lifecycle import PRE_HOOK_MARK
 from vmix_lib.webui.runner import VMixRunner
 
@@ -17,7 +17,7 @@ LAYOUT = tiny_layout()
 
 
 def vmix_hook_count(unet):
-    value = sum(1 for m in unet.modules() for fn in m._forward_hooks.values() if getattr(fn, "_vmix_value_hook", False))
+    value = value_hook_count(unet)
     pre = sum(1 for fn in unet._forward_pre_hooks.values() if getattr(fn, PRE_HOOK_MARK, False))
     return value, pre
 
@@ -29,8 +29,7 @@ def adapter():
 
 @pytest.fixture
 def library(tmp_path, adapter):
-    (tmp_path / "tiny.safetensors").write_bytes(b"placeholder: the loader below returns the tiny adapter")
-    return AdapterLibrary(lambda: str(tmp_path), loader=lambda path, device: adapter)
+    return placeholder_library(tmp_path, adapter)
 
 
 @pytest.fixture(scope="module")

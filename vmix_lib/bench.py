@@ -32,36 +32,10 @@ from .dimensions import DEFAULT_DIMENSIONS
 from .hook import ValueMixer
 from .layers import LAYOUTS, TOKENS, find_cross_attention_layers
 from .mixing import VMixAdapter
+from .train.checkpoint_loading import shipped_unet_config
 
-# diffusers configurations of the real models (stable-diffusion-v1-5, stable-diffusion-xl-base-1.0).
-SD15_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-)
-SDXL_CONFIG = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-CONFIGS = {"sd15": SD15_CONFIG, "sdxl": SDXL_CONFIG}
+# diffusers configurations of the real models, as the trainer ships them (vmix_lib/train/configs).
+CONFIGS = {family: shipped_unet_config(family) for family in ("sd15", "sdxl")}
 TITLES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 DEFAULT_REPEATS = {"sd15": 7, "sdxl": 3}
 LATENT = 32

@@ -114,7 +114,7 @@ class ValueMixer:
         self.adapter = adapter
         self.strength = float(strength)
         self.layer_strengths: Dict[str, float] = dict(layer_strengths or {})
-        self.row_strengths: Optional[Sequence[float]] = None
+        self._row_strengths: Optional[Tuple[float, ...]] = None
         self.gate = True
         self.guard = guard
         self.strict = strict  # raise errors from inside the hook instead of logging them once
@@ -129,6 +129,15 @@ class ValueMixer:
             raise ValueError(f"unknown layer in block weights: {sorted(unknown)[0]}")
         self.set_alphas(alphas)
         _MIXERS.add(self)
+
+    @property
+    def row_strengths(self) -> Optional[Tuple[float, ...]]:
+        return self._row_strengths
+
+    @row_strengths.setter
+    def row_strengths(self, factors: Optional[Sequence[float]]) -> None:
+        # Normalised once per UNet call here, not in each layer's hook.
+        self._row_strengths = None if factors is None else tuple(float(f) for f in factors)
 
     # -- aesthetic condition ----------------------------------------------------------------
     def set_alphas(self, alphas: Optional[Mapping[str, float]] = None) -> None:
@@ -258,10 +267,9 @@ class ValueMixer:
 
     def _row_factors(self, rows: int, out: torch.Tensor) -> Optional[Tuple[torch.Tensor, bool]]:
         """Per-row factors as a [rows, 1, 1] tensor on out's device, and whether any is nonzero."""
-        factors = self.row_strengths
+        factors = self._row_strengths
         if factors is None:
             return None
-        factors = tuple(float(f) for f in factors)
         if len(factors) != rows:
             self._warn_once(f"rows{len(factors)}/{rows}", f"{len(factors)} row strengths for {rows} rows; using 1 for all rows")
             return None

@@ -115,15 +115,22 @@ def model_configs(family: str, config_dir: Optional[str] = None) -> Dict[str, Di
     return configs
 
 
-def _clean(config: Dict) -> Dict:
+def clean_config(config: Dict) -> Dict:
+    """A config file's dict without its metadata keys ("_class_name", ...), ready for a constructor."""
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+
+
+def shipped_unet_config(family: str) -> Dict:
+    """The diffusers UNet2DConditionModel arguments of the real SD1.5 / SDXL base model, from the
+    configuration this repository ships (the one the trainer builds its UNet from)."""
+    return clean_config(_read_json(os.path.join(CONFIG_DIR, family, "unet.json")))
 
 
 def alphas_cumprod_from(scheduler_config: Dict) -> torch.Tensor:
     """ᾱ_t of the training noise schedule (DDPM 'scaled_linear' for SD1.5/SDXL)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler.from_config(_clean(scheduler_config)).alphas_cumprod.float()
+    return DDPMScheduler.from_config(clean_config(scheduler_config)).alphas_cumprod.float()
 
 
 def _materialize(factory, state: Dict[str, torch.Tensor], what: str, name: str) -> torch.nn.Module:
@@ -206,7 +213,7 @@ def build_components(
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    unet_cfg, vae_cfg = _clean(configs["unet"]), _clean(configs["vae"])
+    unet_cfg, vae_cfg = clean_config(configs["unet"]), clean_config(configs["vae"])
     unet_sd = convert_ldm_unet_checkpoint(_component(source, ("model.diffusion_model.",), dtype), unet_cfg)
     unet = _materialize(lambda: UNet2DConditionModel.from_config(unet_cfg), unet_sd, "UNet", name)
     del unet_sd
@@ -219,7 +226,7 @@ def build_components(
     vae = _materialize(lambda: AutoencoderKL.from_config(vae_cfg), convert_ldm_vae_checkpoint(vae_raw, vae_cfg), "VAE", vae_name or name)
     del vae_raw
 
-    te_cfg = CLIPTextConfig(**_clean(configs["text_encoder"]))
+    te_cfg = CLIPTextConfig(**clean_config(configs["text_encoder"]))
     clip_prefix = "cond_stage_model.transformer." if family == "sd15" else "conditioner.embedders.0.transformer."
     clip_sd = convert_ldm_clip_checkpoint(_component(source, (clip_prefix,), dtype))
     # transformers >= 5.6 flattened CLIPTextModel (no "text_model." level); follow the installed version.
@@ -229,7 +236,7 @@ def build_components(
         clip_sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in clip_sd.items()}
     encoders: List[torch.nn.Module] = [_materialize(lambda: CLIPTextModel(te_cfg), clip_sd, "text encoder", name)]
     if family == "sdxl":
-        te2_cfg = CLIPTextConfig(**_clean(configs["text_encoder_2"]))
+        te2_cfg = CLIPTextConfig(**clean_config(configs["text_encoder_2"]))
         prefix = "conditioner.embedders.1.model."
         with torch.device("meta"):
             skeleton = CLIPTextModelWithProjection(te2_cfg)
@@ -271,7 +278,7 @@ def load_base_model(
         text_encoders=encoders,
         tokenizers=tokenizers,
         alphas_cumprod=alphas_cumprod_from(configs["scheduler"]),
-        scaling_factor=float(_clean(configs["vae"]).get("scaling_factor", 0.18215)),
+        scaling_factor=float(clean_config(configs["vae"]).get("scaling_factor", 0.18215)),
         checkpoint=path,
         custom_configs=bool(config_dir),
     )

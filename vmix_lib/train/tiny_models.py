@@ -17,6 +17,7 @@ from typing import Dict, Tuple
 
 import torch
 
+from .checkpoint_loading import clean_config
 from .ldm_names import single_file_state_dict
 from .text import write_vocab_from_bpe
 
@@ -65,10 +66,6 @@ def tiny_configs(family: str = "sd15") -> Dict[str, Dict]:
     return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2, "scheduler": scheduler}
 
 
-def _clean(config: Dict) -> Dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
 def build_tiny_models(family: str = "sd15", seed: int = 0):
     """(unet, vae, [text encoders], configs) with random weights from ``seed``."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -76,11 +73,11 @@ def build_tiny_models(family: str = "sd15", seed: int = 0):
 
     configs = tiny_configs(family)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel.from_config(_clean(configs["unet"]))
-    vae = AutoencoderKL.from_config(_clean(configs["vae"]))
-    encoders = [CLIPTextModel(CLIPTextConfig(**_clean(configs["text_encoder"])))]
+    unet = UNet2DConditionModel.from_config(clean_config(configs["unet"]))
+    vae = AutoencoderKL.from_config(clean_config(configs["vae"]))
+    encoders = [CLIPTextModel(CLIPTextConfig(**clean_config(configs["text_encoder"])))]
     if family == "sdxl":
-        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**_clean(configs["text_encoder_2"]))))
+        encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**clean_config(configs["text_encoder_2"]))))
     for module in (unet, vae, *encoders):
         module.eval().requires_grad_(False)
     return unet, vae, encoders, configs
