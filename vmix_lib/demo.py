@@ -344,11 +344,12 @@ class SweepResult:
     images: List[torch.Tensor] = field(default_factory=list, repr=False)
 
 
-def run_sweep(base: BaseModel, mixer: ValueMixer, base_images: torch.Tensor, cfg: DemoConfig, log: Callable[[str], None]) -> List[SweepResult]:
-    """One SweepResult per aesthetic setting, on the prompts and seeds of sweep_prompts(cfg);
-    content is compared with ``base_images``, the base model's samples of the same prompts and seeds."""
-    index, noise = sweep_prompts(cfg)
-    contexts = base.contexts[index]
+def run_sweep(
+    base: BaseModel, mixer: ValueMixer, contexts: torch.Tensor, noise: torch.Tensor, base_images: torch.Tensor,
+    cfg: DemoConfig, log: Callable[[str], None],
+) -> List[SweepResult]:
+    """One SweepResult per aesthetic setting, sampling ``contexts`` from ``noise``; content is
+    compared with ``base_images``, the base model's samples of the same prompts and seeds."""
     reference = data.measure(base_images)
     reference_content = data.content_classes(base_images, reference.masks)
     results = []
@@ -507,11 +508,12 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str]
         adapter = train_adapter(base, cfg, log)
         log(f"Sampling {cfg.prompts} prompts for λ = {', '.join(f'{l:g}' for l in cfg.lambdas)} (DDIM, {cfg.sample_steps} steps)")
         index, noise = sweep_prompts(cfg)
-        base_images = sample(base, base.contexts[index], noise, cfg)  # no hook anywhere: the base model
+        contexts = base.contexts[index]
+        base_images = sample(base, contexts, noise, cfg)  # no hook anywhere: the base model
         # Sampling goes through a fresh ValueMixer, as in the extension.
         mixer = ValueMixer(adapter, strict=True).install(base.unet)
         try:
-            results = run_sweep(base, mixer, base_images, cfg, log)
+            results = run_sweep(base, mixer, contexts, noise, base_images, cfg, log)
         finally:
             mixer.remove()
     report = {
