@@ -1,0 +1,57 @@
+"""Finding and decoding images: recursive listing, full decode, alpha flattened onto white."""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def find_images(folder: str, recursive: bool = True) -> List[str]:
+    """Image files under ``folder`` (sorted relative paths, '/'-separated), hidden folders skipped."""
+    from .errors import ScoringError
+
+    if not os.path.isdir(folder):
+        raise ScoringError(f"image folder {folder} does not exist or is not a folder")
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def file_key(path: str) -> str:
+    """Identity of an image file for caches: absolute path, size and modification time."""
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def to_rgb(img):
+    """A PIL image as RGB, EXIF orientation applied and transparency composited onto white."""
+    from PIL import Image, ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def read_image(path: str):
+    """The whole image decoded to RGB (a truncated or corrupt file raises OSError/ValueError)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()  # decodes every byte: PIL's lazy open would accept a truncated file
+        return to_rgb(img)
+
+
+def image_size(path: str) -> Tuple[int, int]:
+    """(width, height) from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.size
