@@ -353,3 +353,30 @@ def test_offline_errors_are_one_sentence(tmp_path, tiny_model, clip_dir, capsys)
     assert "needs its file for offline generation" in capsys.readouterr().err
     assert main(["--offline", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o"), "--clip", clip_dir]) == 1
     assert capsys.readouterr().err.strip() == f"VMix evaluation: checkpoint {tmp_path / 'nope.safetensors'} does not exist."
+
+
+def test_python_api_source_and_resume(tmp_path, clip_dir):
+    """A model held in memory (e.g. a research model) evaluated through a plain function."""
+    from vmix_lib.evaluate.prompts import Prompt
+    from vmix_lib.evaluate.run import Options, evaluate
+    from vmix_lib.evaluate.sources import CallableSource
+
+    calls = []
+
+    def generate(prompt, seed, setting):
+        calls.append((prompt, seed, setting.name))
+        shade = int(60 * (setting.strength if setting.adapter else 0)) + seed
+        return Image.new("RGB", (24, 24), (80 + shade, 90, 160 - shade))
+
+    settings = build_settings([AdapterRef("mine", None, ("color",))], [0.0, 2.0])
+    opts = Options(out_dir=str(tmp_path / "o"), prompts=[Prompt("a", "a cat"), Prompt("b", "a dog")], settings=settings,
+                   sources=[CallableSource(generate, "research-model")], clip=clip_dir, seeds_per_prompt=2, resamples=100)
+    results = evaluate(opts, log=lambda m: None)
+    assert len(calls) == 3 * 2 * 2 and {c[1] for c in calls if c[0] == "a cat"} == {0, 1}
+    assert {c[1] for c in calls if c[0] == "a dog"} == {2, 3}  # seeds per prompt, the same in every setting
+    assert results["lambda0_equals_off"] == [{"setting": "λ=0", "baseline": "off", "identical": 4, "pairs": 4}]
+    summary = {s["setting"]: s for s in results["settings"]}
+    assert summary["λ=2"]["images"] == 4 and summary["λ=2"]["content_similarity"]["mean"] < 1.0
+    assert results["sources"][0]["source"] == "research-model"
+    calls.clear()
+    assert evaluate(opts, log=lambda m: None)["generation"]["made"] == 0 and calls == []
