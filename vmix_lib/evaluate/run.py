@@ -158,6 +158,11 @@ def generate(rows: List[ImageRow], opts: Options, log: Callable[[str], None], pr
                 started = time.monotonic()
                 try:
                     image, info = source.generate(row.prompt.text, row.seed, row.setting_obj)
+                except torch.cuda.OutOfMemoryError:
+                    raise EvaluationError(
+                        "the GPU ran out of memory while sampling; lower --width/--height, use --precision fp16, or close "
+                        "other GPU programs (images made so far are kept)"
+                    ) from None
                 except RequestFailed as e:
                     failures[row.path] = str(e)
                     stats["failed"] += 1
