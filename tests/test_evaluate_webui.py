@@ -231,3 +231,18 @@ def test_fastapi_validation_422_is_one_sentence(server):
     with pytest.raises(RequestFailed) as info:
         client.txt2img({"prompt": "x", "steps": "many", "width": 64, "height": 64, "seed": 1})
     assert str(info.value) == "HTTP 422: steps: value is not a valid <class 'int'>"
+
+
+def test_error_answers_of_both_webuis_become_one_sentence():
+    from vmix_lib.evaluate.webui_client import _error_sentence
+
+    a1111 = {"error": "VMixError", "detail": "VMix adapter 'x' is not installed in /m; installed adapters: a.", "body": "", "errors": "..."}
+    forge = {"detail": "VMix adapter 'x' is not installed in /m; installed adapters: a."}  # Forge: FastAPI's own HTTPException answer
+    pydantic2 = {"detail": [{"type": "int_parsing", "loc": ["body", "steps"], "msg": "Input should be a valid integer", "input": "many"}]}
+    crash = {"error": "RuntimeError", "detail": "", "body": "", "errors": "boom"}
+    assert _error_sentence(422, json.dumps(a1111).encode()) == "HTTP 422: VMixError: VMix adapter 'x' is not installed in /m; installed adapters: a."
+    assert _error_sentence(422, json.dumps(forge).encode()) == "HTTP 422: VMix adapter 'x' is not installed in /m; installed adapters: a."
+    assert _error_sentence(422, json.dumps(pydantic2).encode()) == "HTTP 422: steps: Input should be a valid integer"
+    assert _error_sentence(500, json.dumps(crash).encode()) == "HTTP 500: RuntimeError: boom"
+    assert _error_sentence(502, b"<html>\nBad gateway</html>") == "HTTP 502: <html>"
+    assert _error_sentence(500, b"") == "HTTP 500"

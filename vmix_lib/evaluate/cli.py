@@ -108,9 +108,7 @@ def options_from_args(args) -> "object":
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise EvaluationError(f"adapter {names[0]!r} is given twice")
-    generating = bool(args.webui or args.offline)
-    if generating and not adapters and not args.no_off:
-        pass  # VMix off alone: a baseline run
+    generating = bool(args.webui or args.offline)  # without --adapter: VMix off alone, a baseline run
     lambdas = parse_lambdas(args.lambdas) if adapters else []
     settings = build_settings(
         adapters, lambdas, _csv(args.dimensions), include_off=not args.no_off,
