@@ -436,7 +436,8 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
             parts.append(f"<tr><td class='prompt'>{e(prompt.text)}</td>")
             for row in cells:
                 if row is None or id(row) not in values:
-                    parts.append(f"<td>{e(row.failure) if row is not None and row.failure else '–'}</td>")
+                    failed = row is not None and row.failure
+                    parts.append(f"<td title='{e(row.failure) if failed else ''}'><small>{'failed (see Failures)' if failed else '–'}</small></td>")
                     continue
                 v = values[id(row)]
                 link = os.path.relpath(row.path, out_dir) if row.generated_by is not None else row.path
