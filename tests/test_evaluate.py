@@ -1,7 +1,6 @@
 """python -m vmix_lib.evaluate: prompts, settings, metrics against hand computations and torchmetrics,
 the offline path end to end on a tiny random SD1.5-layout checkpoint, folders, the report, resume."""
 import json
-import math
 import os
 
 import numpy as np
