@@ -23,7 +23,7 @@ from .settings import Setting
 from .webui_client import GenerationParams
 
 SCHEDULERS = ("ddim", "euler", "dpm++")
-_DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def make_scheduler(name: str, config: Dict[str, Any], prediction: str):
@@ -40,6 +40,17 @@ def make_scheduler(name: str, config: Dict[str, Any], prediction: str):
     if name == "dpm++":  # DPM++ 2M, the WebUI's most used sampler
         return DPMSolverMultistepScheduler.from_config(base, algorithm_type="dpmsolver++", solver_order=2)
     raise EvaluationError(f"--scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """The UNet/text-encoder dtype name: bf16 (or fp16 without bf16 support) on CUDA, fp32 on the CPU."""
+    if device.type != "cuda":
+        if setting in ("fp16", "bf16"):
+            raise EvaluationError(f"--precision {setting} needs a CUDA GPU; on the CPU sampling runs in fp32 (use auto or fp32)")
+        return "fp32"
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return setting
 
 
 class OfflineSource:
@@ -86,7 +97,7 @@ class OfflineSource:
         from ..layers import find_cross_attention_layers
         from ..train.checkpoint_loading import inspect_checkpoint, load_base_model, model_configs
         from ..train.errors import TrainError
-        from ..train.run import resolve_device, resolve_precision
+        from .run import resolve_device
         from ..train.text import TextConditioner
 
         try:

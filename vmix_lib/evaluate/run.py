@@ -209,7 +209,7 @@ def read_manifest(out_dir: str) -> Dict[str, Dict[str, Any]]:
 
 
 # -- scoring -----------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -248,7 +248,7 @@ def load_scorers(opts: Options) -> Scorers:
     from ..scoring.aesthetic import load_aesthetic_predictor
     from ..scoring.clip import load_clip
 
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     try:
         predictor = load_aesthetic_predictor(opts.aesthetic, device=device) if opts.aesthetic else None
         clip = load_clip(opts.clip, device=device, allow_download=opts.allow_download)
