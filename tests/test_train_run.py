@@ -46,7 +46,8 @@ def test_full_run_writes_every_output(tiny_sd15, dataset, tmp_path, capsys):
                       "--lora-rank", "2", "--lora-conv-rank", "1", "--preview-prompt", "a cat"))
     assert code == 0
     log = capsys.readouterr().out
-    assert "SD1.5 checkpoint tiny-sd15.safetensors (epsilon); 4 images at 32px; superior labels: color 2, lighting 0" in log
+    assert "SD1.5 checkpoint tiny-sd15.safetensors (epsilon), objective data\n  data: 4 images; superior labels: color 2, lighting 0" in log
+    assert "  global batch 2 = 2 per process x 1 process x 1 accumulation; 4 steps = 8 samples" in log
     names = set(os.listdir(out))
     assert {"t.safetensors", "t-lora.safetensors", "t-step000002.safetensors", "t-lora-step000002.safetensors",
             "t-step000004.state.pt", "t-config.json", "t-loss.csv", "t-loss.png", "previews", "cache"} <= names
