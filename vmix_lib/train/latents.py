@@ -73,6 +73,7 @@ class LatentCache:
 
         rank, count = accelerator.process_index, accelerator.num_processes
         todo = [(item, bucket) for item, bucket in work if not os.path.isfile(self.path(item, bucket))]
+        accelerator.wait_for_everyone()  # every process has listed the same missing files before any is written
         mine = todo[rank::count]
         total = len(todo)
         bar = progress(total=total, desc="caching latents", unit="img", disable=not (total and accelerator.is_main_process))
