@@ -9,7 +9,8 @@ interleaved round by round so that machine load hits both alike:
                  optimizer, accumulate, backward, clip_grad_norm_, the loss reduction)
 
 and reports the median of the per-round ratios accelerate / plain, and that both runs end with
-the same weights.  One process (a multi-process step adds DDP's all-reduce, which is the point of
+the same weights.  On a CPU a step is timed in process CPU time (what this process computed, not
+how long it waited for other jobs), on a GPU in wall time after a synchronisation.  One process (a multi-process step adds DDP's all-reduce, which is the point of
 running several, not an overhead of the wrapping).  The default model is the trainer's tiny SD1.5
 test model, whose short steps make any fixed per-step cost show the most; ``--unet sd15`` uses the
 real SD1.5 UNet configuration (random weights).  ``--device cuda`` runs the same on a GPU.
@@ -80,11 +81,16 @@ def _unet(kind: str, device):
 
 
 def _time(step, batches, device) -> float:
+    """Seconds of one step: this process's CPU time on a CPU (other jobs on a shared machine do not
+    count), wall time on a GPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    began = time.perf_counter()
-    step(batches)  # returns a float: the step has finished on the device
-    return time.perf_counter() - began
+        began = time.perf_counter()
+        step(batches)  # returns a float: the step has finished on the device
+        return time.perf_counter() - began
+    began = time.process_time()
+    step(batches)
+    return time.process_time() - began
 
 
 def run(kind: str, latent: int, batch: int, accumulation: int, rounds: int, steps: int, warmup: int, lora_rank: int,
@@ -155,8 +161,9 @@ def main(argv=None) -> int:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     result = run(args.unet, args.latent, args.batch, args.accumulation, args.rounds, args.steps, args.warmup,
                  args.lora_rank, device)
-    print(f"  plain       median {result['plain'] * 1e3:9.2f} ms/step")
-    print(f"  accelerate  median {result['accelerate'] * 1e3:9.2f} ms/step")
+    clock = "wall" if device.type == "cuda" else "CPU"
+    print(f"  plain       median {result['plain'] * 1e3:9.2f} ms/step ({clock} time)")
+    print(f"  accelerate  median {result['accelerate'] * 1e3:9.2f} ms/step ({clock} time)")
     print(f"  accelerate / plain, median of {args.rounds} paired rounds: {result['ratio']:.4f} "
           f"(range {result['ratio_min']:.4f}-{result['ratio_max']:.4f})")
     print(f"  same weights after {result['steps']} steps each: {result['same_weights']}")
