@@ -393,7 +393,7 @@ def _save_state(path: str, state: Dict) -> None:
 
 def _load_state(path: str) -> Dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # processes share the pages
     except Exception as e:
         raise TrainError(f"resume state {path} cannot be read ({e})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
