@@ -143,9 +143,11 @@ class BatchPlan:
         self.global_batch = int(global_batch)
         self.seed = int(seed)
         self.images = len(self.buckets)
-        keys = sorted(set(self.buckets))
-        self._members = [[i for i, b in enumerate(self.buckets) if b == key] for key in keys]
-        self._keys = keys
+        members: Dict[Size, List[int]] = {}
+        for i, bucket in enumerate(self.buckets):
+            members.setdefault(bucket, []).append(i)
+        self._keys = sorted(members)
+        self._members = [members[key] for key in self._keys]
         self.per_epoch = sum(-(-len(m) // self.global_batch) for m in self._members)
         self._cached: Tuple[int, List[PlannedBatch]] = (-1, [])
 

@@ -86,8 +86,9 @@ class Objective:
         The micro-batch loss, called INSIDE the forward of the DDP-wrapped ``TrainableParts``
         (so gradients are averaged over processes).  ``model`` gives the frozen base and the
         trainable parts: ``model.unet_forward(x_t, t, context, added_cond)``, ``model.unet``,
-        ``model.mixer`` (the armed VMix hook; ``model.condition(labels)`` sets f_a per row;
-        ``model.mixer.strength = 0`` computes the base model), ``model.adapter``, ``model.lora``,
+        ``model.mixer`` (the armed VMix hook; ``model.condition(labels)`` sets f_a per row; with
+        ``model.mixer.strength = 0`` the UNet is the frozen base model - set it back to
+        ``model.adapter.train_lambda`` for the trained pass), ``model.adapter``, ``model.extra`` (LoRA),
         ``model.alphas_cumprod``, ``model.prediction``, ``model.generator``.  Under mixed precision
         the call already runs in accelerate's autocast.  Return this process's *share*: with a
         global micro-batch split by ``runtime.split_for_process``, ``loss_scale · Σ weight·loss_i``,
@@ -98,11 +99,15 @@ class Objective:
         search the graph each step; otherwise it fails with "Expected to have finished
         reduction in the prior iteration").  The data objective touches every parameter.
 
-    For a whole run (``python -m vmix_lib.train``, see run.py) an objective also provides:
+    For a whole run (``python -m vmix_lib.train``, see run.py) an objective is made by the factory
+    ``objectives.OBJECTIVES[cfg.objective](cfg, family, size_multiple, log)`` before any model
+    loads (it validates its inputs there; ``--dry-run`` stops after it), and also provides:
 
     ``name``                         "data", "distill": the config's ``objective`` and the adapter's metadata
     ``summary() -> [str]``           lines for the start of the log (main process prints them)
-    ``setup(ctx)``                   after the models are loaded, on every process: heavy preparation
+    ``setup(ctx)``                   ctx = objectives.RunContext (cfg, base model, text conditioner,
+                                     accelerator, device, ...), after the models are loaded, on every
+                                     process: heavy preparation
                                      (e.g. caching latents, shared out over ``ctx.accelerator``'s
                                      processes with a barrier)
     ``batches(count) -> Iterator``   this process's next ``count`` micro-batches, on ``ctx.device``,
