@@ -115,7 +115,10 @@ def make_accelerator(device: torch.device, precision: str = "no", timeout_minute
             AcceleratorState._reset_state(reset_partial_state=True)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)  # accelerate's single-process device is the current one
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=timeout_minutes))] if timeout_minutes else []
+    options = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+    if device.type == "cuda" and launched_processes() > 1 and not torch.distributed.is_nccl_available():
+        options["backend"] = "gloo"  # Windows builds have no NCCL (kohya does the same)
+    handlers = [InitProcessGroupKwargs(**options)] if options else []
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision, device_placement=False, kwargs_handlers=handlers)
     kind = accelerator.distributed_type.name
     if kind not in _DDP_TYPES:
