@@ -573,3 +573,20 @@ def test_default_settings_label_the_six_dimensions():
     s = settings_from_args(["in", "out", "--probe", "warmth=a warm photo|a cold photo", "--near-duplicates", "off"])
     assert s.dimension_names[-1] == "warmth" and len(s.dimension_names) == 7 and s.near_duplicate is None
     assert threshold(torch.tensor([0.1, 0.2, 0.3, 0.4]), Rule("margin", 0.5)) == 0.75
+
+
+def test_record_file_survives_a_line_cut_by_an_interruption(tmp_path):
+    from vmix_lib.prepare.records import RecordFile
+
+    path = str(tmp_path / "r.jsonl")
+    records = RecordFile(path, flush_every=2)
+    records.put("a", {"v": 1})
+    records.put("b", {"v": 2})  # flushed
+    records.put("c", {"v": 3})  # pending: lost by the "interruption"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"key": "d", "val')  # a line cut short
+    again = RecordFile(path)
+    assert again.records == {"a": {"v": 1}, "b": {"v": 2}}
+    again.put("e", {"v": 5})
+    again.flush()
+    assert RecordFile(path).records == {"a": {"v": 1}, "b": {"v": 2}, "e": {"v": 5}}

@@ -73,6 +73,13 @@ class DatasetFolder:
     # -- ownership ---------------------------------------------------------------------------
     def claim(self) -> None:
         """Refuse a folder that holds anything this tool did not write; then mark it as ours."""
+        self.check()
+        os.makedirs(self.work, exist_ok=True)
+        if not os.path.isfile(self.manifest_path):
+            open(self.manifest_path, "a").close()
+
+    def check(self) -> None:
+        """Refuse a folder that holds anything this tool did not write (writes nothing)."""
         if os.path.exists(self.folder) and not os.path.isdir(self.folder):
             raise PrepareError(f"output {self.folder} is a file; name a folder")
         entries = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
@@ -88,9 +95,6 @@ class DatasetFolder:
                 f"output folder {self.folder} holds {len(foreign)} file(s) this tool did not write ({', '.join(foreign[:3])}); "
                 "move them away or choose another folder (nothing was changed)"
             )
-        os.makedirs(self.work, exist_ok=True)
-        if not ours:
-            open(self.manifest_path, "a").close()
 
     def _is_ours(self, entry: str) -> bool:
         if entry in (WORK, REVIEW, METADATA, "." + METADATA + ".tmp") or entry in self.written:

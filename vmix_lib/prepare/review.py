@@ -102,10 +102,13 @@ class Thumbnails:
         if path not in self._cache:
             from PIL import Image
 
-            from ..scoring.images import read_image
+            from ..scoring.images import to_rgb
 
             try:
-                img = read_image(path)
+                with Image.open(path) as img:
+                    img.draft("RGB", (2 * self.size, 2 * self.size))  # JPEG: decode at a reduced scale, much faster
+                    img.load()
+                    img = to_rgb(img)
                 img.thumbnail((self.size, self.size), Image.BICUBIC)
             except Exception:  # shown as a grey square; the reason is in the report
                 img = Image.new("RGB", (self.size, self.size), (200, 200, 200))
@@ -172,14 +175,18 @@ def histogram_png(values: Sequence[float], threshold: Optional[float], title: st
 
 
 def _histogram_with_pil(values, counts, lo, hi, threshold, title, path, above, below, size=(480, 260)) -> str:
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    try:
+        font = ImageFont.load_default(size=12)  # Pillow's bundled FreeType font
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font
+        font = ImageFont.load_default()
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    left, top, right, bottom = 44, 30, size[0] - 12, size[1] - 34
+    left, top, right, bottom = 44, 30, size[0] - 12, size[1] - 38
     n_above = sum(1 for v in values if threshold is not None and v >= threshold)
     heading = f"{title}  ({above} {n_above}, {below} {len(values) - n_above})" if threshold is not None else f"{title}  ({len(values)} images)"
-    draw.text((left, 8), heading, fill=(0, 0, 0))
+    draw.text((left, 8), heading, fill=(0, 0, 0), font=font)
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
     peak = max(counts) if counts and max(counts) else 1
     width = (right - left) / len(counts)
@@ -198,12 +205,15 @@ def _histogram_with_pil(values, counts, lo, hi, threshold, title, path, above, b
     if threshold is not None:
         x = x_of(threshold)
         draw.line((x, top, x, bottom), fill=(204, 34, 34), width=2)
-        draw.text((min(x + 3, right - 70), top + 2), f"{threshold:.4g}", fill=(204, 34, 34))
-    draw.text((4, top), str(peak), fill=(0, 0, 0))
-    draw.text((4, bottom - 10), "0", fill=(0, 0, 0))
-    draw.text((left, bottom + 6), f"{lo:.3g}", fill=(0, 0, 0))
-    draw.text((right - 40, bottom + 6), f"{hi:.3g}", fill=(0, 0, 0))
-    draw.text(((left + right) // 2 - 14, bottom + 18), "score", fill=(0, 0, 0))
+        label = f"{threshold:.4g}"
+        lx = min(x + 4, right - draw.textlength(label, font=font) - 4)
+        draw.rectangle((lx - 2, top + 2, lx + draw.textlength(label, font=font) + 2, top + 17), fill=(255, 255, 255))
+        draw.text((lx, top + 3), label, fill=(204, 34, 34), font=font)
+    draw.text((4, top), str(peak), fill=(0, 0, 0), font=font)
+    draw.text((4, bottom - 12), "0", fill=(0, 0, 0), font=font)
+    draw.text((left, bottom + 5), f"{lo:.3g}", fill=(0, 0, 0), font=font)
+    draw.text((right - draw.textlength(f"{hi:.3g}", font=font), bottom + 5), f"{hi:.3g}", fill=(0, 0, 0), font=font)
+    draw.text(((left + right) // 2 - 14, bottom + 20), "score", fill=(0, 0, 0), font=font)
     img.save(path)
     return path
 

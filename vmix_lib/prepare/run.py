@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..scoring.aesthetic import load_aesthetic_predictor
-from ..scoring.clip import load_clip
+from ..scoring.clip import _short, load_clip
 from ..scoring.features import FeatureCache, embed_image_files
 from ..scoring.images import read_image
 from ..scoring.probes import antonym_probability, encode_probes
@@ -25,7 +25,7 @@ from .errors import PrepareError
 from .filters import aesthetic_cut, exact_duplicates, near_duplicates
 from .labels import read_overrides, threshold, write_overrides_template
 from .models import check_path_like, load_captioner, load_image_classifier
-from .output import DatasetFolder, write_atomic
+from .output import DatasetFolder, dataset_names, write_atomic
 from .records import RecordFile
 from .review import DimensionReview, FilterReport, ReviewItem, Thumbnails, histogram_png, write_dimension_page, write_index
 from .settings import PrepareSettings
@@ -100,6 +100,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
             "(the output would be read back as input); choose an output folder elsewhere"
         )
     folder = DatasetFolder(out, s.link_mode)
+    folder.check()
     # Everything a user named is loaded and checked before any long work starts.
     overrides = read_overrides(s.overrides_path, s.dimension_names)
     device = _resolve_device(s.device)
@@ -154,6 +155,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     rows = [index_of[p] for p in embedded.paths]  # image index of each embedding row
     row_of = {i: r for r, i in enumerate(rows)}
     embeds = embedded.embeds.float() if rows else torch.zeros(0, clip.dim)
+    del features  # it keeps the shards it read; the stacked copy in embeds is enough
     aesthetic = torch.empty(0)
     if predictor is not None:
         with torch.no_grad():
@@ -190,7 +192,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     near_pairs: Dict[int, Tuple[int, float]] = {}  # dropped -> (kept, cosine)
     if s.near_duplicate is not None and len(live) > 1:
         pos = torch.tensor([row_of[i] for i in live])
-        for d, k, cos in near_duplicates(embeds[pos], rank_score[pos], s.near_duplicate, device=device, progress=progress):
+        for d, k, cos in near_duplicates(embeds, rank_score[pos], s.near_duplicate, device=device, progress=progress, rows=pos):
             status[live[d]] = ("near_duplicate", f"cosine {cos:.4f} with {images[live[k]].rel}, which has the higher {rank_name}")
             near_pairs[live[d]] = (live[k], cos)
     live = alive()
@@ -203,8 +205,6 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
             status[live[d]] = ("aesthetic", f"aesthetic score {float(aesthetic[row_of[live[d]]]):.3f}, {rule}")
 
     # -- overrides: exclude / keep -----------------------------------------------------------------
-    from .output import dataset_names
-
     names = dataset_names([im.rel for im in images])
     lookup = {}
     for i, im in enumerate(images):
@@ -243,7 +243,14 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
                     except Exception:  # it decoded for CLIP a moment ago; treat as uncaptionable
                         pictures.append(None)
                 good = [(i, p) for i, p in zip(batch, pictures) if p is not None]
-                texts = captioner.caption([p for _, p in good], s.caption_prompt, s.caption_max_tokens) if good else []
+                try:
+                    texts = captioner.caption([p for _, p in good], s.caption_prompt, s.caption_max_tokens) if good else []
+                except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. a checkpoint that needs a chat template
+                    records.flush()
+                    raise PrepareError(
+                        f"the captioner {captioner.source} failed on {images[batch[0]].rel} ({_short(e)}); it may need a prompt "
+                        "(--caption-prompt) or not be an image-captioning model (captions written so far are kept)"
+                    ) from None
                 for (i, _), text in zip(good, texts):
                     records.put(images[i].key, text.strip())
                 captioned += len(good)
