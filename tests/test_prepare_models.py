@@ -244,3 +244,13 @@ def test_bad_model_files_are_refused_in_one_sentence(tmp_path, models, capsys, c
     message = [line for line in err if line.startswith("vmix prepare: error:")]
     assert len(message) == 1 and "Traceback" not in "\n".join(err), err
     assert not os.path.exists(out)  # refused before anything was written
+
+
+def test_benchmark_runs_end_to_end(tmp_path, capsys):
+    from vmix_lib.prepare.bench import main as bench_main
+
+    assert bench_main(["--images", "5", "--size", "40", "--workers", "0", "--keep", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "first run:" in printed and "rerun (everything cached):" in printed and "peak memory:" in printed
+    assert bench_main(["--near-duplicates-only", "300"]) == 0
+    assert "near duplicates among 300 random embeddings" in capsys.readouterr().out

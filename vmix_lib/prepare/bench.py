@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                 print(f"  CLIP image embeddings (decode + preprocess + encode): {args.images / encode:.1f} images/s, "
                       f"{1000 * encode / args.images:.2f} ms/image")
         own, children = _peak_mib()
-        print(f"peak memory: {own:.0f} MiB (this process), {children:.0f} MiB (largest decoding worker)")
+        print(f"peak memory: {own:.0f} MiB (this process), {children:.0f} MiB (largest child process: the decoding workers)")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

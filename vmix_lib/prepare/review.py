@@ -41,9 +41,10 @@ details{margin:.3em 0}details ul{max-height:20em;overflow:auto}
 _SCRIPT = """
 const rows = document.getElementById('rows');
 const dim = document.body.dataset.dimension;
+const field = v => /[",\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v;  // CSV quoting
 function refresh(){
   const out = [];
-  document.querySelectorAll('figure.flipped').forEach(f => out.push(`${f.dataset.name},${dim},${f.dataset.to}`));
+  document.querySelectorAll('figure.flipped').forEach(f => out.push(`${field(f.dataset.name)},${dim},${f.dataset.to}`));
   rows.value = out.join('\\n') + (out.length ? '\\n' : '');
   document.getElementById('count').textContent = out.length;
 }
