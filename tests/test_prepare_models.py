@@ -80,7 +80,7 @@ def test_command_on_a_mixed_folder_and_the_trainers_dry_run(tmp_path, models, ca
                        "--dataset-dir", out, "--output-dir", str(tmp_path / "run"), "--resolution", "32", "--dry-run"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
-    assert "7 images at 32px" in printed.out and "Dry run" in printed.out
+    assert "data: 7 images" in printed.out and "Dry run" in printed.out
 
     # the same folder again with a default caption: the two caption-less images join, nothing is encoded again
     assert main(argv + ["--default-caption", "a photo"]) == 0
