@@ -127,9 +127,19 @@ def test_train_adapter_runs_v_prediction_and_always_unhooks():
         AdapterTrainer(unet, adapter, alphas_cumprod(), prediction="x0")
 
 
-def test_warmup_schedule():
+def test_warmup_and_decay_schedules_follow_the_optimiser_step():
     batch, aes_emb = _problem()
     unet = tiny_unet()
-    trainer = AdapterTrainer(unet, VMixAdapter.for_unet(unet, aes_emb, "sd15", DIMS), alphas_cumprod(), lr=1e-3, warmup_steps=4)
+    adapter = VMixAdapter.for_unet(unet, aes_emb, "sd15", DIMS)
+    trainer = AdapterTrainer(unet, adapter, alphas_cumprod(), lr=1e-3, warmup_steps=4)
     assert [trainer.lr_at(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     trainer.close()
+    for schedule, expected in (("linear", [5e-4, 1e-3, 1e-3, 2 / 3 * 1e-3, 1 / 3 * 1e-3]),
+                               ("cosine", [5e-4, 1e-3, 1e-3, 0.75e-3, 0.25e-3])):
+        trainer = AdapterTrainer(unet, adapter, alphas_cumprod(), lr=1e-3, warmup_steps=2, lr_schedule=schedule, max_steps=5)
+        assert [trainer.lr_at(s) for s in range(5)] == pytest.approx(expected)
+        trainer.train_step([batch])
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)  # step 1 ran at lr_at(0)
+        trainer.close()
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        AdapterTrainer(unet, adapter, alphas_cumprod(), lr_schedule="step")

@@ -46,7 +46,8 @@ def test_full_run_writes_every_output(tiny_sd15, dataset, tmp_path, capsys):
                       "--lora-rank", "2", "--lora-conv-rank", "1", "--preview-prompt", "a cat"))
     assert code == 0
     log = capsys.readouterr().out
-    assert "SD1.5 checkpoint tiny-sd15.safetensors (epsilon); 4 images at 32px; superior labels: color 2, lighting 0" in log
+    assert "SD1.5 checkpoint tiny-sd15.safetensors (epsilon), objective data\n  data: 4 images; superior labels: color 2, lighting 0" in log
+    assert "  global batch 2 = 2 per process x 1 process x 1 accumulation; 4 steps = 8 samples" in log
     names = set(os.listdir(out))
     assert {"t.safetensors", "t-lora.safetensors", "t-step000002.safetensors", "t-lora-step000002.safetensors",
             "t-step000004.state.pt", "t-config.json", "t-loss.csv", "t-loss.png", "previews", "cache"} <= names
@@ -170,3 +171,87 @@ def test_images_that_fail_to_decode_while_caching_are_listed(tiny_sd15, tmp_path
     assert "has 1 problem:\n  unreadable image: cut.jpg (image file is truncated" in err
     assert main(_args(tiny_sd15, data, out, "--max-steps", "1", "--preview-every", "0", "--skip-bad")) == 0
     assert "--skip-bad: skipping 1 image(s) that failed to decode: cut.jpg" in capsys.readouterr().out
+
+
+def _mixed_shapes(folder):
+    """Two wide (64x32), two tall (32x64) and two square (40x40) images with captions."""
+    os.makedirs(folder, exist_ok=True)
+    for i, size in enumerate([(64, 32), (64, 32), (32, 64), (32, 64), (40, 40), (40, 40)]):
+        Image.new("RGB", size, (40 * i, 120, 200)).save(os.path.join(folder, f"m{i}.png"))
+        with open(os.path.join(folder, f"m{i}.txt"), "w", encoding="utf-8") as f:
+            f.write(f"a shape {i}")
+    return folder
+
+
+def test_bucketed_sdxl_run_conditions_on_the_real_crop(tmp_path, capsys, monkeypatch):
+    import vmix_lib.train.loop as loop
+
+    model = write_tiny_model(str(tmp_path / "xl"), "sdxl")
+    data = _mixed_shapes(str(tmp_path / "mixed"))
+    seen = []
+    real = loop.diffusers_unet_forward
+
+    def recording(unet):
+        forward = real(unet)
+
+        def wrapped(x, t, context, added=None):
+            if torch.is_grad_enabled():  # training steps, not previews
+                seen.append((tuple(x.shape), tuple(tuple(r) for r in added["time_ids"].tolist())))
+            return forward(x, t, context, added)
+
+        return wrapped
+
+    monkeypatch.setattr(loop, "diffusers_unet_forward", recording)
+    out = tmp_path / "run"
+    assert main(_args(model, data, out, "--max-steps", "3", "--preview-every", "3", "--caption-dropout", "0")) == 0
+    log = capsys.readouterr().out
+    assert "  aspect-ratio buckets: 9 of about 32x32 px (sides 16-64, step 8), 3 used: 24x40: 2, 32x32: 2, 40x24: 2" in log
+    # One epoch = one batch per bucket.  time_ids = original (h, w), crop (top, left), target (h, w):
+    assert sorted(seen) == sorted([
+        ((2, 4, 6, 10), ((32.0, 64.0, 0.0, 4.0, 24.0, 40.0),) * 2),  # 64x32 -> 48x24, 4 px cut left and right
+        ((2, 4, 10, 6), ((64.0, 32.0, 4.0, 0.0, 40.0, 24.0),) * 2),  # 32x64 -> 24x48, 4 rows cut top and bottom
+        ((2, 4, 8, 8), ((40.0, 40.0, 0.0, 0.0, 32.0, 32.0),) * 2),  # 40x40 -> 32x32, nothing cut
+    ])
+    cached = [file_tensors(str(out / "cache" / f)) for f in os.listdir(out / "cache")]
+    assert sorted(tuple(c["latents"].shape) for c in cached) == [(4, 6, 10)] * 2 + [(4, 8, 8)] * 2 + [(4, 10, 6)] * 2
+    assert sorted(c["size_crop"].tolist() for c in cached) == [[32, 64, 0, 4]] * 2 + [[40, 40, 0, 0]] * 2 + [[64, 32, 4, 0]] * 2
+    with Image.open(out / "previews" / "t-step000003.png") as grid:
+        assert grid.size == (2 * 128, 2 * 128 + 34)  # square previews at the training resolution
+
+    seen.clear()
+    square = tmp_path / "square"
+    assert main(_args(model, data, square, "--max-steps", "3", "--preview-every", "0", "--no-bucket")) == 0
+    assert "  square centre crops at 32x32 px (bucket = false)" in capsys.readouterr().out
+    assert {shape for shape, _ in seen} == {(2, 4, 8, 8)}
+    assert {row for _, rows in seen for row in rows} == {
+        (32.0, 64.0, 0.0, 16.0, 32.0, 32.0), (64.0, 32.0, 16.0, 0.0, 32.0, 32.0), (40.0, 40.0, 0.0, 0.0, 32.0, 32.0)}
+
+
+def test_bad_bucket_settings_and_lone_cpu_launch(tiny_sd15, dataset, tmp_path, capsys, monkeypatch):
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--bucket-step", "12", "--dry-run")) == 2
+    assert "aspect-ratio buckets: resolution 32 is not a multiple of bucket_step 12" in capsys.readouterr().err
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--bucket-step", "4", "--dry-run")) == 2
+    assert "bucket_step 4 must be a multiple of 8 for this model" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu --num_processes 2` leaves
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--dry-run")) == 2
+    assert "accelerate launch --cpu starts a single process whatever --num_processes says; for several CPU processes run: " \
+           "torchrun --standalone --nproc_per_node N -m vmix_lib.train ... --device cpu" in capsys.readouterr().err
+
+
+def test_a_state_of_the_previous_trainer_version_continues_with_a_note(tiny_sd15, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(tiny_sd15, dataset, out, "--max-steps", "2", "--preview-every", "0")) == 0
+    path = out / "t-step000002.state.pt"
+    state = torch.load(path, weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("objective", "processes")}  # version 1's fields
+    old.update(version=1, images=4, samples_seen=4, data_generator=torch.Generator().get_state(), torch_rng=torch.get_rng_state())
+    old["fingerprint"] = {k: v for k, v in state["fingerprint"].items() if k != "objective"}
+    torch.save(old, path)
+    capsys.readouterr()
+    assert main(_args(tiny_sd15, dataset, out, "--max-steps", "3", "--preview-every", "0", "--resume", "latest")) == 0
+    log = capsys.readouterr().out
+    assert "Note: the resume state was written by an earlier version of the trainer" in log
+    assert "Note: the data order changed since the saved state: the data continue in epoch 2 at 0% of it" in log
+    assert [s for s, _ in _losses(out)] == [1, 2, 3]

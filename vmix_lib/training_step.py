@@ -38,11 +38,22 @@ def diffusion_loss(
     alphas_cumprod: torch.Tensor,
     prediction: str = "epsilon",
     generator: Optional[torch.Generator] = None,
+    noise: Optional[torch.Tensor] = None,
+    timesteps: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """ε- or v-prediction MSE at uniformly drawn timesteps; ``unet_forward(x_t, t, context)``."""
+    """ε- or v-prediction MSE at uniformly drawn timesteps; ``unet_forward(x_t, t, context)``.
+
+    ``timesteps`` [B] and ``noise`` (latents' shape) may be given (drawn per sample elsewhere);
+    otherwise they are drawn here from ``generator``, timesteps first.  ``reduction`` "mean" gives
+    one number, "none" the per-sample means [B].
+    """
     b = latents.shape[0]
-    t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=generator, device=latents.device)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    t = timesteps.to(latents.device) if timesteps is not None else torch.randint(
+        0, alphas_cumprod.shape[0], (b,), generator=generator, device=latents.device)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    noise = noise.to(latents.device, latents.dtype)
     a = alphas_cumprod.to(latents.device, torch.float32)[t].view(b, *([1] * (latents.dim() - 1)))
     noisy = (a.sqrt() * latents + (1 - a).sqrt() * noise).to(latents.dtype)
     pred = unet_forward(noisy, t, context)
@@ -52,4 +63,6 @@ def diffusion_loss(
         target = a.sqrt() * noise - (1 - a).sqrt() * latents
     else:
         raise ValueError(f"unknown prediction type {prediction!r}; use 'epsilon' or 'v_prediction'")
+    if reduction == "none":
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
     return F.mse_loss(pred.float(), target.float())

@@ -1,11 +1,14 @@
-"""``python -m vmix_lib.train --config cfg.toml [--flag value ...]``: see vmix_lib/train/config.py."""
+"""``python -m vmix_lib.train --config cfg.toml [--flag value ...]``: see vmix_lib/train/config.py.
+
+Also under ``accelerate launch -m vmix_lib.train`` / ``torchrun -m vmix_lib.train`` (runtime.py).
+"""
 from __future__ import annotations
 
 import sys
 from typing import Optional, Sequence
 
 
-_TRAINER_PACKAGES = {"torch", "diffusers", "transformers", "safetensors", "PIL", "numpy", "tqdm", "tokenizers"}
+_TRAINER_PACKAGES = {"torch", "diffusers", "transformers", "safetensors", "PIL", "numpy", "tqdm", "tokenizers", "accelerate"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,10 +36,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if isinstance(e, torch.cuda.OutOfMemoryError):
             print("vmix train: error: the GPU ran out of memory; lower batch_size (raise grad_accum to keep the "
-                  "effective batch), turn on gradient_checkpointing, or lower the LoRA rank", file=sys.stderr)
+                  "global batch), turn on gradient_checkpointing, or lower the LoRA rank", file=sys.stderr)
             return 2
         raise
+    finally:
+        _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Leave the process group torchrun / accelerate launch made us join (quietly, also after errors)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from .errors import TrainError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 LABEL_VALUES = {"superior": 1.0, "inferior": 0.0}
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class DatasetItem:
     image: str  # absolute path
     caption: str
     labels: Tuple[float, ...]  # per dimension, in the adapter's order: 1 superior, 0 inferior
-    size: Tuple[int, int] = (0, 0)  # (width, height) as stored
+    size: Tuple[int, int] = (0, 0)  # (width, height) as shown (EXIF orientation applied)
 
     @property
     def name(self) -> str:
@@ -90,6 +92,9 @@ def _check_image(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
         with Image.open(path) as img:
             size = img.size
             img.verify()  # reads the whole file; catches truncated PNGs and most corrupt files
+        with Image.open(path) as img:  # verify() leaves the image unusable: reopen for the header
+            if img.getexif().get(_EXIF_ORIENTATION) in _TRANSPOSED:  # shown rotated by 90°, as load_image sees it
+                size = size[::-1]
         return size, None
     except Exception as e:  # PIL raises many types; the message is what the user needs
         return None, str(e) or type(e).__name__
@@ -224,16 +229,20 @@ def load_dataset(folder: str, dimension_names: Sequence[str], skip_bad: bool = F
     return report.items
 
 
-def load_image(path: str, resolution: int):
-    """RGB image resized (short side = resolution) and centre-cropped to a square.
+def load_image(path: str, size):
+    """RGB image resized to cover ``size`` and centre-cropped to it (never padded).
 
-    Returns (tensor [3, r, r] in [-1, 1], original (h, w), crop top-left (y, x)) - the last two are
-    SDXL's size/crop conditioning.
+    ``size`` is a bucket (width, height), or one number for a square.  Returns (tensor [3, h, w] in
+    [-1, 1], original (h, w), crop top-left (top, left)) - the last two are SDXL's size/crop
+    conditioning (see buckets.py).
     """
     import numpy as np
     import torch
     from PIL import Image, ImageOps
 
+    from .buckets import fit_to_bucket
+
+    bucket = (size, size) if isinstance(size, int) else tuple(size)
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
@@ -242,10 +251,8 @@ def load_image(path: str, resolution: int):
             img = Image.alpha_composite(background, rgba)
         img = img.convert("RGB")
     width, height = img.size
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    img = img.resize((new_w, new_h), Image.LANCZOS)
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    resized, (top, left) = fit_to_bucket((width, height), bucket)
+    img = img.resize(resized, Image.LANCZOS)
+    img = img.crop((left, top, left + bucket[0], top + bucket[1]))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (height, width), (top, left)

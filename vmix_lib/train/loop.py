@@ -1,4 +1,4 @@
-"""The VMix training loop on any UNet, independent of how batches are made (paper §3.4).
+"""The VMix training loop on any UNet (paper §3.4), run by HuggingFace accelerate.
 
 Frozen base model; trainable: the projection layer and every W_a (the adapter), plus optional extra
 parameters (the LoRA).  λ = 1 in training.  Loss: ε- or v-prediction MSE (vmix_lib.training_step).
@@ -10,12 +10,36 @@ parameters (the LoRA).  λ = 1 in training.  Loss: ε- or v-prediction MSE (vmix
 
 ``train_adapter(...)`` wraps that for a fixed number of steps.  ``state_dict()`` / ``load_state_dict()``
 carry everything a resumed run needs to continue bit-for-bit (optimizer, step, RNG).
+
+How a step runs (the same code on 1 device or N processes; runtime.py makes the Accelerator):
+``TrainableParts`` - the adapter and the LoRA, and nothing else - is what accelerate prepares: on
+several processes it is wrapped in DistributedDataParallel, and the micro-batch loss is computed
+inside its ``forward``, so DDP averages the gradients of exactly these parameters.  The frozen UNet is
+referenced, not registered: DDP neither owns nor broadcasts its weights.  Gradient accumulation is
+accelerate's (``accumulate``: no all-reduce until the last micro-batch; ``backward`` divides by
+their number); mixed precision is accelerate's autocast (+ GradScaler for fp16); the learning rate
+is a function of the optimiser step, so it is the same for any process count.
+
+The objective seam
+------------------
+An *objective* is the part that differs between ways of training the same adapter:
+
+    data      objectives.DataObjective: dataset images -> cached VAE latents in aspect-ratio
+              buckets -> ε/v-prediction MSE against the drawn noise
+    distill   (to come, issue 11): prompt pairs only -> the frozen model's own predictions as targets
+
+Everything else is shared and objective-agnostic: accelerate (devices, processes, DDP), mixed
+precision, gradient accumulation, clipping, the learning-rate schedule, the optimiser (this file);
+logging, previews, saving, resume, the progress bar (run.py).  See ``Objective`` for what one
+provides.  ``DiffusionObjective`` is the loss on ready-made ``TrainBatch`` micro-batches that
+programmatic callers (the demonstration, tests) use.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,6 +50,7 @@ from ..mixing import VMixAdapter
 from ..training_step import aesthetic_context_for_batch, diffusion_loss
 
 PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 UnetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[Dict[str, torch.Tensor]]], torch.Tensor]
 
 
@@ -33,8 +58,13 @@ UnetForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[Dict[
 class TrainBatch:
     latents: torch.Tensor  # [B, C, h, w], already scaled by the VAE scaling factor
     context: torch.Tensor  # [B, 77·k, d] text conditioning (caption dropout already applied)
-    labels: torch.Tensor  # [B, N]: 1 superior, 0 inferior / not labelled
+    labels: torch.Tensor  # [B, N]: 1 superior, 0 inferior / not labelled (aesthetic dropout applied if noise is given)
     added_cond: Optional[Dict[str, torch.Tensor]] = None  # SDXL: text_embeds [B, 1280], time_ids [B, 6]
+    # Drawn per sample by the data pipeline (then the loss draws nothing itself):
+    noise: Optional[torch.Tensor] = None  # [B, C, h, w]
+    timesteps: Optional[torch.Tensor] = None  # [B] int64
+    weights: Optional[torch.Tensor] = None  # [B]: 1, or 0 for a stand-in sample (see runtime.split_for_process)
+    loss_scale: float = 1.0  # factor on Σ weight·loss: processes / samples in the global micro-batch
 
 
 def diffusers_unet_forward(unet: nn.Module) -> UnetForward:
@@ -46,8 +76,156 @@ def diffusers_unet_forward(unet: nn.Module) -> UnetForward:
     return forward
 
 
+# -- the seam ------------------------------------------------------------------------------------
+class Objective:
+    """A way of training the adapter: where micro-batches come from, and what their loss is.
+
+    The loop calls, on every process:
+
+    ``loss(model, batch) -> Tensor``  (required)
+        The micro-batch loss, called INSIDE the forward of the DDP-wrapped ``TrainableParts``
+        (so gradients are averaged over processes).  ``model`` gives the frozen base and the
+        trainable parts: ``model.unet_forward(x_t, t, context, added_cond)``, ``model.unet``,
+        ``model.mixer`` (the armed VMix hook; ``model.condition(labels)`` sets f_a per row; with
+        ``model.mixer.strength = 0`` the UNet is the frozen base model - set it back to
+        ``model.adapter.train_lambda`` for the trained pass), ``model.adapter``, ``model.extra`` (LoRA),
+        ``model.alphas_cumprod``, ``model.prediction``, ``model.generator``.  Under mixed precision
+        the call already runs in accelerate's autocast.  Return this process's *share*: with a
+        global micro-batch split by ``runtime.split_for_process``, ``loss_scale · Σ weight·loss_i``,
+        so that DDP's mean over processes is the mean over the global micro-batch.
+
+    ``find_unused_parameters`` (class attribute, default False)
+        True if a step can leave some trainable parameter without a gradient (DDP must then
+        search the graph each step; otherwise it fails with "Expected to have finished
+        reduction in the prior iteration").  The data objective touches every parameter.
+
+    For a whole run (``python -m vmix_lib.train``, see run.py) an objective is made by the factory
+    ``objectives.OBJECTIVES[cfg.objective](cfg, family, size_multiple, log)`` before any model
+    loads (it validates its inputs there; ``--dry-run`` stops after it), and also provides:
+
+    ``name``                         "data", "distill": the config's ``objective`` and the adapter's metadata
+    ``summary() -> [str]``           lines for the start of the log (main process prints them)
+    ``setup(ctx)``                   ctx = objectives.RunContext (cfg, base model, text conditioner,
+                                     accelerator, device, ...), after the models are loaded, on every
+                                     process: heavy preparation
+                                     (e.g. caching latents, shared out over ``ctx.accelerator``'s
+                                     processes with a barrier)
+    ``batches(count) -> Iterator``   this process's next ``count`` micro-batches, on ``ctx.device``,
+                                     each passed to ``loss``; it advances the objective's position
+    ``state_dict() -> dict``         its position after the batches handed out so far (tensors,
+                                     numbers, strings only: it is saved with torch.save and read with
+                                     weights_only=True); resuming from it must give the same batches
+    ``load_state_dict(state, log)``  continue from a saved position; if the saved run differed
+                                     (another global batch, other images) continue sensibly and log
+                                     one line saying what changed
+    ``fingerprint() -> dict``        settings a resume must not change (else the run refuses)
+    ``facts() -> dict``              added to the adapter file's "training" metadata
+    ``preview_prompts() -> [str]``   prompts of the λ-sweep previews when the config names none
+    ``close()``                      release workers and files
+
+    Randomness: draw per sample from ``runtime.sample_generator(seed, serial)`` (serial = the
+    sample's number in the run), not per batch, so the result does not depend on the process count.
+    """
+
+    name = "custom"
+    find_unused_parameters = False
+
+    def loss(self, model: "TrainableParts", batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def summary(self) -> List[str]:
+        return []
+
+    def setup(self, ctx) -> None:
+        pass
+
+    def batches(self, count: int) -> Iterator[Any]:
+        raise NotImplementedError(f"objective {self.name!r} cannot make batches for a run")
+
+    def state_dict(self) -> Dict:
+        return {}
+
+    def load_state_dict(self, state: Dict, log: Callable[[str], None] = print) -> None:
+        pass
+
+    def fingerprint(self) -> Dict:
+        return {"objective": self.name}
+
+    def facts(self) -> Dict:
+        return {"objective": self.name}
+
+    def preview_prompts(self) -> List[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+class DiffusionObjective(Objective):
+    """ε/v-prediction MSE on ``TrainBatch`` micro-batches (the paper's loss, Eq. 1).
+
+    With ``batch.noise`` given, the data pipeline drew timesteps, noise and the aesthetic dropout
+    per sample; otherwise they are drawn here from the trainer's generator (labels, then timesteps,
+    then noise), with ``aesthetic_dropout``.
+    """
+
+    name = "diffusion"
+
+    def __init__(self, aesthetic_dropout: float = 0.0):
+        self.aesthetic_dropout = float(aesthetic_dropout)
+
+    def loss(self, model: "TrainableParts", batch: TrainBatch) -> torch.Tensor:
+        drawn = batch.noise is not None
+        model.condition(batch.labels, 0.0 if drawn else self.aesthetic_dropout)
+        per_sample = batch.weights is not None
+        loss = diffusion_loss(
+            lambda x, t, c: model.unet_forward(x, t, c, batch.added_cond),
+            batch.latents, batch.context, model.alphas_cumprod, model.prediction, model.generator,
+            noise=batch.noise, timesteps=batch.timesteps, reduction="none" if per_sample else "mean",
+        )
+        if per_sample:
+            loss = (loss * batch.weights.to(loss.device, loss.dtype)).sum() * batch.loss_scale
+        return loss
+
+
+class TrainableParts(nn.Module):
+    """What accelerate prepares (DDP on several processes): the adapter and the optional LoRA.
+
+    ``forward(batch)`` is the objective's micro-batch loss.  The frozen UNet, the hook and the
+    noise schedule are plain attributes, not submodules or buffers, so DDP leaves them alone.
+    """
+
+    def __init__(self, unet: nn.Module, adapter: VMixAdapter, mixer: ValueMixer, unet_forward: UnetForward,
+                 alphas_cumprod: torch.Tensor, prediction: str, generator: torch.Generator, objective: Objective,
+                 extra_parameters: Sequence[nn.Parameter] = ()):
+        super().__init__()
+        self.adapter = adapter
+        self.extra = nn.ParameterList(list(extra_parameters))  # the LoRA's (its modules hook the UNet)
+        self.__dict__.update(unet=unet, mixer=mixer, unet_forward=unet_forward, alphas_cumprod=alphas_cumprod,
+                             prediction=prediction, generator=generator, objective=objective)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.adapter.parameters() if p.requires_grad] + list(self.extra)
+
+    def condition(self, labels: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        """Per-row f_a [B, 77, d] from labels [B, N] on the hook (outside autocast: a small fp32 layer)."""
+        device = self.adapter.aes_emb.device.type
+        guard = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        with guard:
+            return aesthetic_context_for_batch(self.mixer, labels, dropout, self.generator)
+
+    def forward(self, batch):
+        return self.objective.loss(self, batch)
+
+
+# -- the trainer ---------------------------------------------------------------------------------
 class AdapterTrainer:
-    """Trains ``adapter`` (and ``extra_parameters``) on the frozen ``unet`` through the VMix hook."""
+    """Trains ``adapter`` (and ``extra_parameters``) on the frozen ``unet`` through the VMix hook.
+
+    ``accelerator``: an accelerate.Accelerator shared with the caller (a multi-process run);
+    by default one is made for the adapter's device and ``mixed_precision``.  ``objective``: the
+    micro-batch loss (default: DiffusionObjective on TrainBatch).
+    """
 
     def __init__(
         self,
@@ -62,28 +240,39 @@ class AdapterTrainer:
         aesthetic_dropout: float = 0.0,
         max_grad_norm: float = 1.0,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        max_steps: int = 0,
         mixed_precision: str = "no",
         gradient_checkpointing: bool = False,
         extra_parameters: Iterable[nn.Parameter] = (),
         unet_forward: Optional[UnetForward] = None,
         seed: int = 0,
+        objective: Optional[Objective] = None,
+        accelerator=None,
     ):
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        from .runtime import make_accelerator
+
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"unknown prediction type {prediction!r}; use 'epsilon' or 'v_prediction'")
         if mixed_precision not in PRECISIONS:
             raise ValueError(f"mixed precision must be one of {', '.join(PRECISIONS)}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {lr_schedule!r}; use one of {', '.join(LR_SCHEDULES)}")
         self.unet = unet
         self.adapter = adapter
         self.device = adapter.aes_emb.device
         self.alphas_cumprod = alphas_cumprod.to(self.device, torch.float32)
         self.prediction = prediction
-        self.aesthetic_dropout = float(aesthetic_dropout)
         self.max_grad_norm = float(max_grad_norm)
         self.warmup_steps = int(warmup_steps)
+        self.lr_schedule = lr_schedule
+        self.max_steps = int(max_steps)
         self.base_lr = float(lr)
-        self.mixed_precision = mixed_precision
         self.gradient_checkpointing = bool(gradient_checkpointing)
         self.forward = unet_forward or diffusers_unet_forward(unet)
+        self.objective = objective or DiffusionObjective(aesthetic_dropout)
         self.step = 0
 
         unet.requires_grad_(False)
@@ -97,80 +286,90 @@ class AdapterTrainer:
         self.mixer = ValueMixer(adapter, strength=adapter.train_lambda, strict=True)
         self.mixer.install(unet, self.layers)
         self.mixer.arm()
-
-        self.extra_parameters = [p for p in extra_parameters]
-        params = [p for p in adapter.parameters() if p.requires_grad] + self.extra_parameters
-        self.parameters = params
-        self.optimizer = torch.optim.AdamW(params, lr=self.base_lr, betas=tuple(betas), weight_decay=weight_decay)
-        use_scaler = mixed_precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
+
+        self.accelerator = accelerator or make_accelerator(self.device, mixed_precision)
+        self.mixed_precision = self.accelerator.mixed_precision
+        self.parts = TrainableParts(unet, adapter, self.mixer, self.forward, self.alphas_cumprod, prediction,
+                                    self.generator, self.objective, list(extra_parameters))
+        self.parameters = self.parts.trainable_parameters()
+        self.extra_parameters = list(self.parts.extra)
+        optimizer = torch.optim.AdamW(self.parameters, lr=self.base_lr, betas=tuple(betas), weight_decay=weight_decay)
+        # DDP only for several processes; gradient buckets as views save a copy of the gradients.
+        self.accelerator.ddp_handler = DistributedDataParallelKwargs(
+            find_unused_parameters=self.objective.find_unused_parameters, gradient_as_bucket_view=True)
+        self.model, self.optimizer = self.accelerator.prepare(self.parts, optimizer)
 
     # -- helpers ----------------------------------------------------------------------------
     def autocast(self):
-        if self.mixed_precision == "no":
-            return contextlib.nullcontext()
-        dtype = torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        """accelerate's autocast context for the configured mixed precision (previews use it)."""
+        return self.accelerator.autocast()
 
     def lr_at(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based): linear warm-up, then the schedule."""
         if self.warmup_steps > 0 and step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
-        return self.base_lr
+        if self.lr_schedule == "constant" or self.max_steps <= self.warmup_steps:
+            return self.base_lr
+        progress = min(1.0, (step - self.warmup_steps) / (self.max_steps - self.warmup_steps))
+        if self.lr_schedule == "linear":
+            return self.base_lr * (1.0 - progress)
+        return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     # -- training ---------------------------------------------------------------------------
     def loss(self, batch: TrainBatch) -> torch.Tensor:
-        """Loss of one micro-batch with gradients enabled (no optimiser step)."""
-        aesthetic_context_for_batch(self.mixer, batch.labels, self.aesthetic_dropout, self.generator)
+        """Loss of one micro-batch with gradients enabled (no optimiser step, no all-reduce)."""
         with self.autocast():
-            return diffusion_loss(
-                lambda x, t, c: self.forward(x, t, c, batch.added_cond),
-                batch.latents,
-                batch.context,
-                self.alphas_cumprod,
-                self.prediction,
-                self.generator,
-            )
+            return self.objective.loss(self.parts, batch)
 
-    def train_step(self, batches: Sequence[TrainBatch]) -> float:
-        """One optimiser step over ``batches`` (gradient accumulation); returns their mean loss."""
+    def train_step(self, batches: Sequence[Any]) -> float:
+        """One optimiser step over ``batches`` (gradient accumulation); returns their mean loss,
+        averaged over all processes."""
         if not batches:
             raise ValueError("train_step needs at least one batch")
+        acc = self.accelerator
         self.mixer.strength = self.adapter.train_lambda
         self.mixer.arm()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        acc.gradient_accumulation_steps = len(batches)
+        acc.step = 0  # the last micro-batch of this list syncs the gradients
+        losses = []
         for batch in batches:
-            loss = self.loss(batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {self.step + 1}")
-            self.scaler.scale(loss / len(batches)).backward()
-            total += float(loss.detach())
-        self.scaler.unscale_(self.optimizer)
+            with acc.accumulate(self.model):
+                loss = self.model(batch)
+                acc.backward(loss)
+            losses.append(loss.detach())
+        if acc.num_processes > 1:
+            mean = acc.reduce(torch.stack(losses).float().mean(), "mean").item()
+        else:
+            mean = sum(float(v) for v in losses) / len(losses)
+        if not math.isfinite(mean):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the loss became {mean} at step {self.step + 1}")
         if self.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            acc.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return total / len(batches)
+        return mean
 
     # -- resume -----------------------------------------------------------------------------
     def state_dict(self) -> Dict:
         """Everything but the weights' owners: step, optimizer, scaler and RNG states."""
+        scaler = self.accelerator.scaler
         return {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
             "generator": self.generator.get_state(),
         }
 
     def load_state_dict(self, state: Dict) -> None:
         self.step = int(state["step"])
         self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"].to(torch.uint8).cpu())
 
     def close(self) -> None:

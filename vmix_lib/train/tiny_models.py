@@ -5,7 +5,11 @@ layout and is read by the same loader as a real one, given the model configs and
 next to it (``--model-config-dir``, ``--tokenizer-dir``).  Its images are noise, of course; it proves
 the pipeline, not the method (that is vmix_lib.demo's job).
 
-    python -m vmix_lib.train.tiny_models OUT_DIR [--family sd15|sdxl]
+    python -m vmix_lib.train.tiny_models OUT_DIR [--family sd15|sdxl] [--full-size]
+
+``--full-size`` writes a random-weight checkpoint of the real SD1.5 / SDXL size instead (fp16, the
+configurations the trainer ships; only the tokenizer is tiny): for timing and memory measurements
+of the trainer on a GPU without downloading a model.
 """
 from __future__ import annotations
 
@@ -66,12 +70,12 @@ def tiny_configs(family: str = "sd15") -> Dict[str, Dict]:
     return {"unet": unet, "vae": vae, "text_encoder": text, "text_encoder_2": text2, "scheduler": scheduler}
 
 
-def build_tiny_models(family: str = "sd15", seed: int = 0):
-    """(unet, vae, [text encoders], configs) with random weights from ``seed``."""
+def build_tiny_models(family: str = "sd15", seed: int = 0, configs: Dict[str, Dict] = None):
+    """(unet, vae, [text encoders], configs) with random weights from ``seed`` (tiny configs by default)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    configs = tiny_configs(family)
+    configs = configs or tiny_configs(family)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(clean_config(configs["unet"]))
     vae = AutoencoderKL.from_config(clean_config(configs["vae"]))
@@ -111,12 +115,39 @@ def write_tiny_model(folder: str, family: str = "sd15", seed: int = 0, v_predict
     return checkpoint, config_dir, tokenizer_dir
 
 
+def write_full_size_model(folder: str, family: str = "sd15", seed: int = 0) -> Tuple[str, str]:
+    """A random-weight checkpoint of the real size (fp16) and a tiny tokenizer; returns (checkpoint,
+    tokenizer dir).  The trainer builds it from its shipped configurations (no --model-config-dir)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint_loading import model_configs
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # built in fp16: half the memory (SD1.5 ~2 GB, SDXL ~7 GB)
+    try:
+        unet, vae, encoders, _ = build_tiny_models(family, seed, model_configs(family))
+    finally:
+        torch.set_default_dtype(previous)
+    os.makedirs(folder, exist_ok=True)
+    tokenizer_dir = write_tokenizer(os.path.join(folder, "tokenizer"))
+    state = {k: v.half().contiguous() for k, v in single_file_state_dict(family, unet, vae, encoders).items()}
+    del unet, vae, encoders
+    checkpoint = os.path.join(folder, f"random-{family}.safetensors")
+    save_file(state, checkpoint)
+    return checkpoint, tokenizer_dir
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmix_lib.train.tiny_models", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-size", action="store_true", help="the real model size with random weights (fp16)")
     args = parser.parse_args(argv)
+    if args.full_size:
+        checkpoint, tokenizer_dir = write_full_size_model(args.out_dir, args.family, args.seed)
+        print(f"checkpoint {checkpoint}\ntokenizer_dir {tokenizer_dir}")
+        return 0
     checkpoint, config_dir, tokenizer_dir = write_tiny_model(args.out_dir, args.family, args.seed)
     print(f"checkpoint {checkpoint}\nmodel_config_dir {config_dir}\ntokenizer_dir {tokenizer_dir}")
     return 0
