@@ -350,6 +350,9 @@ def test_offline_errors_are_one_sentence(tmp_path, tiny_model, clip_dir, capsys)
     assert capsys.readouterr().err.strip().endswith("--width 36 must be a multiple of 8 for this model.")
     assert main(base + ["--adapter", "just_a_name", "--width", "32", "--height", "32"]) == 1
     assert "needs its file for offline generation" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--precision", "bf16", "--width", "32", "--height", "32"]) == 1
+        assert capsys.readouterr().err.strip().endswith("--precision bf16 needs a CUDA GPU; on the CPU sampling runs in fp32 (use auto or fp32).")
     assert main(["--offline", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o"), "--clip", clip_dir]) == 1
     assert capsys.readouterr().err.strip() == f"VMix evaluation: checkpoint {tmp_path / 'nope.safetensors'} does not exist."
 
