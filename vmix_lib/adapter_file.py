@@ -73,7 +73,7 @@ class AdapterInfo:
         return FAMILY_TITLES.get(self.family, self.family)
 
 
-def _expected_shapes(family: str, n_dims: int, d: int) -> Dict[str, Tuple[int, ...]]:
+def _expected_shapes(family: str, n_dims: int, d: int, layers: Optional[Mapping[str, int]] = None) -> Dict[str, Tuple[int, ...]]:
     shapes: Dict[str, Tuple[int, ...]] = {
         "aes_emb": (2 * n_dims, d),
         "projection.token.weight": (TOKENS, n_dims),
@@ -83,8 +83,8 @@ def _expected_shapes(family: str, n_dims: int, d: int) -> Dict[str, Tuple[int, .
         "projection.out.weight": (d, d),
         "projection.out.bias": (d,),
     }
-    for info in LAYOUTS[family]:
-        shapes[f"values.{info.name}.weight"] = (info.inner_dim, d)
+    for name, inner in (layers.items() if layers is not None else ((i.name, i.inner_dim) for i in LAYOUTS[family])):
+        shapes[f"values.{name}.weight"] = (inner, d)
     return shapes
 
 
@@ -127,7 +127,7 @@ def _read_header(path: str) -> Tuple[Dict[str, Any], int]:
     return header, data_size
 
 
-def _check_metadata(path: str, header: Mapping[str, Any]) -> AdapterInfo:
+def _check_metadata(path: str, header: Mapping[str, Any], allow_custom_layout: bool = False) -> AdapterInfo:
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or METADATA_KEY not in meta:
         raise AdapterError(path, f"has no '{METADATA_KEY}' metadata, so it is not a VMix adapter (LoRA and other files go elsewhere)")
@@ -160,7 +160,8 @@ def _check_metadata(path: str, header: Mapping[str, Any]) -> AdapterInfo:
         raise AdapterError(path, f"is for model family {family!r}, which is not supported (supported: {', '.join(LAYOUTS)})")
     context_dim = need("context_dim", int, "an integer")
     expected_dim = LAYOUTS[family][0].context_dim
-    if context_dim != expected_dim:
+    custom = allow_custom_layout and isinstance(data.get("training"), dict) and data["training"].get("custom_layout") is True
+    if context_dim != expected_dim and not custom:
         raise AdapterError(path, f"says context width {context_dim}, but {FAMILY_TITLES[family]} uses {expected_dim}")
     tokens = need("tokens", int, "an integer")
     if tokens != TOKENS:
@@ -198,11 +199,14 @@ def _check_path(path: str) -> str:
     return path
 
 
-def read_adapter_info(path: str) -> AdapterInfo:
-    """Validate the header and metadata only (fast; no tensor data is read)."""
+def read_adapter_info(path: str, allow_custom_layout: bool = False) -> AdapterInfo:
+    """Validate the header and metadata only (fast; no tensor data is read).
+
+    ``allow_custom_layout`` accepts the trainer's files for non-SD test/research UNets (see load_adapter).
+    """
     path = _check_path(path)
     header, _ = _read_header(path)
-    return _check_metadata(path, header)
+    return _check_metadata(path, header, allow_custom_layout)
 
 
 def _canonical_name(name: str) -> str:
@@ -214,12 +218,19 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def load_adapter(path: str, device: str | torch.device = "cpu") -> VMixAdapter:
-    """Load and fully validate an adapter file; raises AdapterError with one clear sentence."""
+def load_adapter(path: str, device: str | torch.device = "cpu", layers: Optional[Mapping[str, int]] = None) -> VMixAdapter:
+    """Load and fully validate an adapter file; raises AdapterError with one clear sentence.
+
+    ``layers`` ({layer name: to_v width} of a UNet) is for files the trainer wrote for a UNet of a
+    custom, non-SD layout (metadata ``training.custom_layout``: tests, research models): their
+    layer set is checked against it instead of the family's.  Other files ignore it.
+    """
     path = _check_path(path)
     header, _ = _read_header(path)
-    info = _check_metadata(path, header)
-    expected = _expected_shapes(info.family, len(info.dimensions), info.context_dim)
+    info = _check_metadata(path, header, allow_custom_layout=layers is not None)
+    if not (layers is not None and info.training.get("custom_layout") is True):
+        layers = None
+    expected = _expected_shapes(info.family, len(info.dimensions), info.context_dim, layers)
     entries = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -252,7 +263,7 @@ def load_adapter(path: str, device: str | torch.device = "cpu") -> VMixAdapter:
     adapter = VMixAdapter(
         info.dimensions,
         info.context_dim,
-        {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
+        dict(layers) if layers is not None else {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
         info.family,
         tokens=info.tokens,
         train_lambda=info.train_lambda,

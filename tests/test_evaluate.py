@@ -1,0 +1,384 @@
+"""python -m vmix_lib.evaluate: prompts, settings, metrics against hand computations and torchmetrics,
+the offline path end to end on a tiny random SD1.5-layout checkpoint, folders, the report, resume."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vmix_lib.evaluate import metrics
+from vmix_lib.evaluate.cli import main
+from vmix_lib.evaluate.errors import EvaluationError
+from vmix_lib.evaluate.prompts import MJHQ_CATEGORIES, builtin_prompts, load_prompts
+from vmix_lib.evaluate.settings import AdapterRef, build_settings, parse_lambdas
+from vmix_lib.scoring.clip import load_clip
+from vmix_lib.scoring.tiny import write_random_predictor, write_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return write_tiny_clip(str(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+    return load_clip(clip_dir)
+
+
+@pytest.fixture(scope="module")
+def predictor_file(tmp_path_factory):
+    return write_random_predictor(str(tmp_path_factory.mktemp("aes") / "sac+logos+ava1-l14-linearMSE.pth"))
+
+
+def _pictures(n, seed=0, size=(40, 30)):
+    g = np.random.default_rng(seed)
+    return [Image.fromarray(g.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# -- prompts -----------------------------------------------------------------------------------
+def test_builtin_prompts_cover_the_mjhq_categories():
+    prompts = builtin_prompts()
+    assert len(prompts) == 40 and len({p.id for p in prompts}) == 40 and len({p.text for p in prompts}) == 40
+    assert {p.category for p in prompts} == set(MJHQ_CATEGORIES)
+    assert all(sum(p.category == c for p in prompts) == 4 for c in MJHQ_CATEGORIES)
+    assert [p.category for p in load_prompts("builtin", ["food"])] == ["food"] * 4
+
+
+def test_mjhq_meta_category_filter_and_seeded_sample(tmp_path):
+    meta = {f"{i:04x}": {"category": MJHQ_CATEGORIES[i % 10], "prompt": f"prompt {i}"} for i in range(200)}
+    path = tmp_path / "meta_data.json"
+    path.write_text(json.dumps(meta))
+    people = load_prompts(str(path), ["people"])
+    assert len(people) == 20 and all(p.category == "people" for p in people)
+    a, b, c = (load_prompts(str(path), ["people", "food"], limit=7, seed=s) for s in (1, 1, 2))
+    assert a == b and a != c and len(a) == 7 and {p.category for p in a} <= {"people", "food"}
+    assert a[0].text == meta[a[0].id]["prompt"]
+    with pytest.raises(EvaluationError, match="category 'cats' is not in meta_data.json"):
+        load_prompts(str(path), ["cats"])
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(EvaluationError, match="is not in MJHQ-30K's meta_data.json layout"):
+        load_prompts(str(bad))
+    text = tmp_path / "prompts.txt"
+    text.write_text("# my prompts\na cat\n\n  a dog  \n")
+    assert [p.text for p in load_prompts(str(text))] == ["a cat", "a dog"]
+    with pytest.raises(EvaluationError, match="does not exist"):
+        load_prompts(str(tmp_path / "none.txt"))
+
+
+# -- settings ----------------------------------------------------------------------------------
+def test_settings_off_lambdas_dimensions_and_several_adapters():
+    ref = AdapterRef("a", None, ("color", "lighting", "emotion"))
+    names = [s.name for s in build_settings([ref], parse_lambdas("0,0.5,1,1.5,2"), ["all", "none", "each"])]
+    assert names == ["off", "λ=0", "λ=0.5", "λ=1", "λ=1.5", "λ=2", "dims=all λ=1", "dims=none λ=1",
+                     "dims=color λ=1", "dims=lighting λ=1", "dims=emotion λ=1"]
+    each = {s.label: s.alpha_dict for s in build_settings([ref], [], ["each"], include_off=False)}
+    assert each["lighting"] == {"color": 0.0, "lighting": 1.0, "emotion": 0.0}
+    two = build_settings([ref, AdapterRef("b", None, ("color",))], [1.0], ["color"])
+    assert [s.name for s in two] == ["off", "a λ=1", "a dims=color λ=1", "b λ=1", "b dims=color λ=1"]
+    assert len({s.slug for s in two}) == len(two)
+    with pytest.raises(EvaluationError, match="'texture' is neither all, none, each nor a dimension of adapter 'a'"):
+        build_settings([ref], [1.0], ["texture"])
+    with pytest.raises(EvaluationError, match="dimensions are unknown"):
+        build_settings([AdapterRef("webui_name")], [1.0], ["each"])
+    with pytest.raises(EvaluationError, match="outside 0 – 3"):
+        parse_lambdas("0,4")
+    with pytest.raises(EvaluationError, match="'x' is not a number"):
+        parse_lambdas("1,x")
+
+
+# -- metrics -----------------------------------------------------------------------------------
+def test_clip_score_equals_torchmetrics_clipscore(clip):
+    images = _pictures(5)
+    long_prompt = "cat dog red " * 40  # > 77 tokens: the end token must be kept (torchmetrics#2883)
+    texts = ["a cat", "a red dog", long_prompt, "sks", "a dog on a cat"]
+    ours = metrics.clip_scores(clip.embed_images(images), clip.embed_texts(texts))
+    tm = metrics.torchmetrics_clip_score(clip)
+    for image, text, score in zip(images, texts, ours):  # per image
+        tm.reset()
+        tm.update([metrics.pil_to_uint8(image)], [text])
+        assert float(tm.compute()) == pytest.approx(max(float(score), 0.0), abs=1e-4)
+    tm.reset()
+    tm.update([metrics.pil_to_uint8(i) for i in images], texts)
+    assert float(tm.compute()) == pytest.approx(metrics.clip_score_of_mean(float(ours.mean())), abs=1e-4)
+    # by hand: 100 · cos of the model's own projected features
+    with torch.no_grad():
+        pixels = clip.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        img = clip.model.get_image_features(pixel_values=pixels).pooler_output
+    assert torch.allclose(ours, 100 * torch.nn.functional.cosine_similarity(img, clip.embed_texts(texts), dim=-1), atol=1e-3)
+
+
+def test_clip_score_mean_is_clamped_after_averaging():
+    assert metrics.clip_score_of_mean(-0.5) == 0.0 and metrics.clip_score_of_mean(3.0) == 3.0
+    est = metrics.bootstrap([-3.0, 1.0, 1.0], clamp_at_zero=True)  # mean −1/3 → 0, as CLIPScore.compute
+    assert est.mean == 0.0 and est.low == 0.0
+    assert metrics.bootstrap([-3.0, 5.0], clamp_at_zero=False).mean == 1.0
+
+
+def test_bootstrap_interval():
+    values = [1.0, 2.0, 3.0, 4.0, 10.0]
+    est = metrics.bootstrap(values, resamples=4000, seed=3)
+    assert est.mean == 4.0 and est.n == 5
+    assert min(values) <= est.low < est.mean < est.high <= max(values)
+    # by hand: the same resamples with numpy, percentile 2.5 / 97.5
+    rng = np.random.default_rng(3)
+    means = np.asarray(values)[rng.integers(0, 5, size=(4000, 5))].mean(axis=1)
+    assert (est.low, est.high) == (float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5)))
+    assert metrics.bootstrap([2.0, 2.0, 2.0]).to_json() == {"mean": 2.0, "ci95": [2.0, 2.0], "n": 3}
+    assert metrics.bootstrap([float("nan")]).n == 0
+
+
+def _fid_by_hand(a, b):
+    a, b = a.double().numpy(), b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)  # tr sqrt(S1 S2) = tr sqrt(S1^½ S2 S1^½)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def _kid_by_hand(x, y, degree=3, coef=1.0):
+    x, y = x.double().numpy(), y.double().numpy()
+    gamma = 1.0 / x.shape[1]
+    k = lambda a, b: (gamma * a @ b.T + coef) ** degree
+    m = x.shape[0]
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
+
+
+def test_fid_and_kid_from_cached_features_match_hand_computations():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 8, generator=g)
+    fake = torch.randn(300, 8, generator=g) * 1.3 + 0.4
+    assert metrics.frechet_distance(real, fake) == pytest.approx(_fid_by_hand(real, fake), rel=1e-6)
+    assert metrics.frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6)
+    mean, std, size = metrics.kernel_distance(real, fake, subsets=3)  # subset = all 300: no sampling
+    assert size == 300 and mean == pytest.approx(_kid_by_hand(real, fake), rel=1e-6) and std == pytest.approx(0.0, abs=1e-9)
+    small = metrics.distances(real[:50], fake[:40])
+    assert small["kid_subset"] == 40 and "fewer than 2000 images" in small["note"]
+    assert metrics.distances(real[:1], fake)["note"] == "needs at least 2 images on each side"
+
+
+def test_inception_features_need_torch_fidelity(monkeypatch):
+    import importlib.util
+
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_fidelity" else real_find(name, *a))
+    with pytest.raises(EvaluationError, match="needs torch-fidelity and torchvision"):
+        metrics.InceptionFeatures("weights.pth")
+
+
+# -- image folders, the report, the CLI --------------------------------------------------------
+def _folder(path, images, prompts, jsonl=False):
+    os.makedirs(path, exist_ok=True)
+    rows = []
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        image.save(os.path.join(path, f"{i:03d}.png"))
+        if jsonl:
+            rows.append(json.dumps({"file_name": f"{i:03d}.png", "text": prompt}))
+        else:
+            with open(os.path.join(path, f"{i:03d}.txt"), "w") as f:
+                f.write(prompt)
+    if jsonl:
+        with open(os.path.join(path, "metadata.jsonl"), "w") as f:
+            f.write("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_folders_are_scored_and_paired_by_file_name(tmp_path, clip, clip_dir, predictor_file, capsys):
+    from vmix_lib.scoring.aesthetic import load_aesthetic_predictor
+    from vmix_lib.scoring.probes import default_probes, probe_scores
+
+    prompts = ["a cat", "a red dog", "a car", "a house"]
+    base, other = _pictures(4, seed=1), _pictures(4, seed=2)
+    off = _folder(tmp_path / "off", base, prompts)
+    vm = _folder(tmp_path / "vmix", other[:2] + base[2:], prompts, jsonl=True)
+    ref = _folder(tmp_path / "ref", _pictures(6, seed=3), ["x"] * 6)
+    out = tmp_path / "out"
+    assert main(["--images", f"off={off}", "--images", f"vmix={vm}", "--clip", clip_dir, "--aesthetic", predictor_file,
+                 "--reference", ref, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "report:" in printed and "vmix" in printed
+    data = json.load(open(out / "results" / "results.json"))
+    rows = {(r["setting"], r["prompt_id"]): r for r in data["images"]}
+    # by hand: Aes = predictor(unit CLIP embedding); CLIP score = 100 cos; shift and content vs the off image
+    predictor = load_aesthetic_predictor(predictor_file)
+    emb = {k: clip.embed_images([im])[0] for k, im in (("b1", base[1]), ("o1", other[1]))}
+    txt = clip.embed_texts(["a red dog"])[0]
+    r = rows[("vmix", "001")]
+    assert r["aes"] == pytest.approx(float(predictor(emb["o1"][None])), abs=1e-4)
+    assert r["clip_score"] == pytest.approx(float(100 * emb["o1"] @ txt), abs=1e-3)
+    assert r["content_similarity"] == pytest.approx(float(emb["o1"] @ emb["b1"]), abs=1e-5)
+    probes = default_probes()
+    p_o, p_b = (probe_scores(clip, emb[k][None], probes) for k in ("o1", "b1"))
+    assert r["shift_color"] == pytest.approx(float(p_o["color"][0] - p_b["color"][0]), abs=1e-5)
+    assert rows[("vmix", "002")]["content_similarity"] == pytest.approx(1.0, abs=1e-5)  # same picture
+    summary = {s["setting"]: s for s in data["settings"]}
+    assert summary["vmix"]["images"] == 4 and summary["vmix"]["distance"]["n_real"] == 6
+    assert data["clip_score_check"]["agree"] is True
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "http://" not in html and "https://" not in html and html.count("data:image/") >= 9  # plot-free here: grid + 8 thumbs
+    assert (out / "grid.png").is_file() and (out / "results" / "per_image.csv").is_file()
+    header = open(out / "results" / "per_setting.csv").readline().strip().split(",")
+    assert {"aes", "aes_ci_low", "aes_ci_high", "clip_score", "fid", "kid"} <= set(header)
+    # a folder image without a prompt: one sentence
+    Image.new("RGB", (8, 8)).save(tmp_path / "off" / "zzz.png")
+    assert main(["--images", f"off={off}", "--clip", clip_dir, "--out", str(out)]) == 1
+    assert capsys.readouterr().err.strip() == (f"VMix evaluation: 1 image(s) in {off} have no prompt (first: zzz.png); put NAME.txt "
+                                               "beside each image or list them in metadata.jsonl.")
+
+
+def test_malformed_predictor_and_missing_clip_are_one_sentence(tmp_path, clip_dir, capsys):
+    folder = _folder(tmp_path / "f", _pictures(2), ["a", "b"])
+    bad = tmp_path / "aes.pth"
+    torch.save({"layers.0.weight": torch.zeros(3, 3)}, bad)
+    assert main(["--images", folder, "--clip", clip_dir, "--aesthetic", str(bad), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("VMix evaluation: aesthetic predictor aes.pth does not have the LAION predictor's layers")
+    assert main(["--images", folder, "--clip", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the CLIP model in" in err[0] and "could not be loaded" in err[0]
+
+
+# -- offline, end to end ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random SD1.5-layout checkpoint and a live adapter for it, written as the trainer writes
+    an adapter for a custom-layout UNet (vmix_lib/train/run.py _save_custom_layout_adapter)."""
+    from vmix_lib.dimensions import DEFAULT_DIMENSIONS
+    from vmix_lib.mixing import VMixAdapter, build_aes_emb
+    from vmix_lib.train.checkpoint_loading import load_base_model
+    from vmix_lib.train.run import _save_custom_layout_adapter
+    from vmix_lib.train.text import TextConditioner
+    from vmix_lib.train.tiny_models import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    checkpoint, configs, tokenizer = write_tiny_model(str(folder / "model"))
+    base = load_base_model(checkpoint, "auto", configs, None, tokenizer)
+    aes_emb = build_aes_emb(TextConditioner("sd15", base.tokenizers, base.text_encoders).pooled, DEFAULT_DIMENSIONS)
+    torch.manual_seed(0)
+    adapter = VMixAdapter.for_unet(base.unet, aes_emb, "sd15", DEFAULT_DIMENSIONS)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a trained adapter's branch is not zero
+        adapter.projection.out.weight.copy_(torch.randn(adapter.context_dim, adapter.context_dim, generator=g))
+        for name in adapter.layer_names:
+            adapter.value(name).weight.mul_(20)
+    path = str(folder / "tiny-adapter.safetensors")
+    _save_custom_layout_adapter(adapter, path, {"steps": 0}, torch.float32)
+    return checkpoint, configs, tokenizer, path
+
+
+def test_custom_layout_adapters_load_only_against_the_unets_layers(tiny_model):
+    from vmix_lib.adapter_file import AdapterError, load_adapter
+    from vmix_lib.layers import find_cross_attention_layers
+    from vmix_lib.train.tiny_models import build_tiny_models
+
+    path = tiny_model[3]
+    with pytest.raises(AdapterError, match="says context width 32, but SD1.5 uses 768"):
+        load_adapter(path)  # the WebUI's loader keeps refusing it
+    unet = build_tiny_models("sd15")[0]
+    layers = {l.name: l.inner_dim for l in find_cross_attention_layers(unet)}
+    adapter = load_adapter(path, layers=layers)
+    assert adapter.layer_names == list(layers) and adapter.context_dim == 32
+    wrong = dict(layers, **{next(iter(layers)): 999})
+    with pytest.raises(AdapterError, match="of shape"):
+        load_adapter(path, layers=wrong)
+
+
+def test_offline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_model, clip_dir, predictor_file, capsys, monkeypatch):
+    checkpoint, configs, tokenizer, adapter = tiny_model
+    out = tmp_path / "eval"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na red dog\n")
+    args = ["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--adapter", adapter,
+            "--lambdas", "0,1", "--dimensions", "none", "--prompts", str(prompts), "--steps", "3", "--width", "32",
+            "--height", "32", "--clip", clip_dir, "--aesthetic", predictor_file, "--out", str(out), "--device", "cpu"]
+    assert main(args + ["--scheduler", "ddim"]) == 0
+    printed = capsys.readouterr().out
+    assert "λ=0 vs off: 2/2 images identical pixel for pixel" in printed
+    data = json.load(open(out / "results" / "results.json"))
+    assert [s["setting"] for s in data["settings"]] == ["off", "λ=0", "λ=1", "dims=none λ=1"]
+    assert data["generation"] == {"made": 8, "failed": 0, "existing": 0} and not data["failures"]
+    files = sorted(os.path.relpath(os.path.join(d, f), out / "images") for d, _, fs in os.walk(out / "images") for f in fs)
+    assert files == [f"{s}/p{i:05d}-s{i}.png" for s in ("dimsnone-lambda1", "lambda0", "lambda1", "off") for i in (0, 1)]
+    off, one = (np.asarray(Image.open(out / "images" / s / "p00000-s0.png")) for s in ("off", "lambda1"))
+    assert off.shape == (32, 32, 3) and np.abs(off.astype(int) - one.astype(int)).max() > 0  # the adapter acts
+    for name in ("tradeoff.png", "grid.png", "report.html", "results/per_image.csv"):
+        assert (out / name).is_file()
+    # Rerun: every image exists, nothing is generated (the sampler is never called) and nothing re-encoded.
+    from vmix_lib.evaluate.offline import OfflineSource
+
+    monkeypatch.setattr(OfflineSource, "generate", lambda *a: pytest.fail("an existing image was made again"))
+    from vmix_lib.evaluate.cli import build_parser, options_from_args
+    from vmix_lib.evaluate.run import evaluate
+
+    again = evaluate(options_from_args(build_parser().parse_args(args)), log=lambda m: None)
+    assert again["generation"] == {"made": 0, "failed": 0, "existing": 8} and again["timing"]["features_computed"] == 0
+    assert [s["clip_score"] for s in again["settings"]] == [s["clip_score"] for s in data["settings"]]
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm++"])
+def test_offline_schedulers_and_seeds(tmp_path, tiny_model, scheduler):
+    from vmix_lib.evaluate.offline import OfflineSource
+    from vmix_lib.evaluate.settings import Setting, adapter_ref
+    from vmix_lib.evaluate.webui_client import GenerationParams
+
+    checkpoint, configs, tokenizer, adapter = tiny_model
+    ref = adapter_ref(adapter)
+    source = OfflineSource(checkpoint, GenerationParams(steps=3, width=32, height=32), scheduler, configs, tokenizer, device="cpu")
+    on = Setting("λ=1", ref, 1.0, None, "lambda")
+    source.prepare([Setting("off"), on])
+    a, _ = source.generate("a cat", 5, Setting("off"))
+    b, _ = source.generate("a cat", 5, Setting("off"))
+    c, _ = source.generate("a cat", 6, Setting("off"))
+    d, _ = source.generate("a cat", 5, Setting("λ=0", ref, 0.0, None, "lambda"))
+    e, _ = source.generate("a cat", 5, on)
+    source.close()
+    arr = lambda im: np.asarray(im).astype(int)
+    assert np.array_equal(arr(a), arr(b)) and np.array_equal(arr(a), arr(d))  # same seed; λ = 0 is VMix off
+    assert not np.array_equal(arr(a), arr(c)) and not np.array_equal(arr(a), arr(e))
+
+
+def test_offline_errors_are_one_sentence(tmp_path, tiny_model, clip_dir, capsys):
+    checkpoint, configs, tokenizer, adapter = tiny_model
+    base = ["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--clip", clip_dir,
+            "--out", str(tmp_path / "o"), "--limit", "1", "--steps", "2"]
+    assert main(base + ["--width", "36", "--height", "32"]) == 1
+    assert capsys.readouterr().err.strip().endswith("--width 36 must be a multiple of 8 for this model.")
+    assert main(base + ["--adapter", "just_a_name", "--width", "32", "--height", "32"]) == 1
+    assert "needs its file for offline generation" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(base + ["--precision", "bf16", "--width", "32", "--height", "32"]) == 1
+        assert capsys.readouterr().err.strip().endswith("--precision bf16 needs a CUDA GPU; on the CPU sampling runs in fp32 (use auto or fp32).")
+    assert main(["--offline", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o"), "--clip", clip_dir]) == 1
+    assert capsys.readouterr().err.strip() == f"VMix evaluation: checkpoint {tmp_path / 'nope.safetensors'} does not exist."
+
+
+def test_python_api_source_and_resume(tmp_path, clip_dir):
+    """A model held in memory (e.g. a research model) evaluated through a plain function."""
+    from vmix_lib.evaluate.prompts import Prompt
+    from vmix_lib.evaluate.run import Options, evaluate
+    from vmix_lib.evaluate.sources import CallableSource
+
+    calls = []
+
+    def generate(prompt, seed, setting):
+        calls.append((prompt, seed, setting.name))
+        shade = int(60 * (setting.strength if setting.adapter else 0)) + seed
+        return Image.new("RGB", (24, 24), (80 + shade, 90, 160 - shade))
+
+    settings = build_settings([AdapterRef("mine", None, ("color",))], [0.0, 2.0])
+    opts = Options(out_dir=str(tmp_path / "o"), prompts=[Prompt("a", "a cat"), Prompt("b", "a dog")], settings=settings,
+                   sources=[CallableSource(generate, "research-model")], clip=clip_dir, seeds_per_prompt=2, resamples=100)
+    results = evaluate(opts, log=lambda m: None)
+    assert len(calls) == 3 * 2 * 2 and {c[1] for c in calls if c[0] == "a cat"} == {0, 1}
+    assert {c[1] for c in calls if c[0] == "a dog"} == {2, 3}  # seeds per prompt, the same in every setting
+    assert results["lambda0_equals_off"] == [{"setting": "λ=0", "baseline": "off", "identical": 4, "pairs": 4}]
+    summary = {s["setting"]: s for s in results["settings"]}
+    assert summary["λ=2"]["images"] == 4 and summary["λ=2"]["content_similarity"]["mean"] < 1.0
+    assert results["sources"][0]["source"] == "research-model"
+    calls.clear()
+    assert evaluate(opts, log=lambda m: None)["generation"]["made"] == 0 and calls == []
