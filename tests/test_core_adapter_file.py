@@ -111,9 +111,19 @@ def test_half_precision_save(tmp_path, adapter, dtype, tag):
     assert {v for k, v in dtypes.items() if not k.startswith("values.")} == {"F32"}  # AesEmb, projection
     assert os.path.getsize(half) < 0.55 * os.path.getsize(full)
     loaded = load_adapter(half)
+    for name in adapter.layer_names:  # W_a stay in the file's dtype in memory
+        weight = loaded.value(name).weight
+        assert weight.dtype == dtype and torch.equal(weight, adapter.value(name).weight.to(dtype))
+    assert loaded.aes_emb.dtype == torch.float32 and torch.equal(loaded.aes_emb, adapter.aes_emb)
+    assert {p.dtype for p in loaded.projection.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    # V_a is computed in float32 from them: the same values as a float32 adapter holding those weights
+    widened = load_adapter(half, dtype=torch.float32)
+    assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    f_a = loaded.aesthetic_context(loaded.aesthetic_input({"color": 0.5}))
     for name in adapter.layer_names:
-        assert torch.equal(loaded.value(name).weight, adapter.value(name).weight.to(dtype).float())
-    assert torch.equal(loaded.aes_emb, adapter.aes_emb)
+        v_a = loaded.aesthetic_values(name, f_a)
+        assert v_a.dtype == torch.float32 and torch.equal(v_a, widened.aesthetic_values(name, f_a))
 
 
 def test_diffusers_layer_names_are_accepted(tmp_path, good):

@@ -14,7 +14,8 @@ Tensors (d = context width, N = dimensions, inner = the layer's to_v output widt
 Metadata: key "vmix" holds JSON with format "vmix-adapter", format_version, family ("sd15"/"sdxl"),
 context_dim, tokens (77), dimensions [{name, positive, negative}], train_lambda, training {free-form}.
 Dtypes: F32, F16 or BF16 (save_adapter keeps AesEmb and the projection in F32 and writes W_a in the
-requested dtype); load_adapter returns a float32 module.  The tensor set and shapes must be exactly
+requested dtype).  load_adapter keeps each W_a in the file's dtype (an fp16 SDXL adapter stays 350 MB
+in memory; V_a is computed from it in float32) and returns AesEmb and the projection in float32.  The tensor set and shapes must be exactly
 those of the family's layout; every value must be finite.
 """
 from __future__ import annotations
@@ -214,8 +215,12 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def load_adapter(path: str, device: str | torch.device = "cpu") -> VMixAdapter:
-    """Load and fully validate an adapter file; raises AdapterError with one clear sentence."""
+def load_adapter(path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None) -> VMixAdapter:
+    """Load and fully validate an adapter file; raises AdapterError with one clear sentence.
+
+    W_a stay in the file's dtype unless ``dtype`` is given (e.g. float32 to train them further);
+    AesEmb and the projection are always float32 (they are tiny and feed a LayerNorm).
+    """
     path = _check_path(path)
     header, _ = _read_header(path)
     info = _check_metadata(path, header)
@@ -249,23 +254,28 @@ def load_adapter(path: str, device: str | torch.device = "cpu") -> VMixAdapter:
         tensors = load_file(path, device="cpu")
     except Exception as e:  # safetensors' own message, in our sentence
         raise AdapterError(path, f"cannot be read as safetensors ({e})") from None
-    adapter = VMixAdapter(
-        info.dimensions,
-        info.context_dim,
-        {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
-        info.family,
-        tokens=info.tokens,
-        train_lambda=info.train_lambda,
-    )
+    # Built on the meta device and filled by assignment: no float32 copy of 175 M SDXL weights is
+    # ever allocated, and the file's tensors become the module's (no second copy either).
+    with torch.device("meta"):
+        adapter = VMixAdapter(
+            info.dimensions,
+            info.context_dim,
+            {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
+            info.family,
+            tokens=info.tokens,
+            train_lambda=info.train_lambda,
+        )
     state = {}
     for canonical, (name, _) in entries.items():
-        tensor = tensors[name]
+        tensor = tensors.pop(name)
         if not torch.isfinite(tensor).all():
             raise AdapterError(path, f"has non-finite values (NaN or inf) in tensor {name!r}")
         if canonical.startswith("values."):
             canonical = "values." + canonical[len("values."):-len(".weight")].replace(".", "__") + ".weight"
-        state[canonical] = tensor.float()
-    adapter.load_state_dict(state, strict=True)
+            state[canonical] = tensor if dtype is None else tensor.to(dtype)
+        else:
+            state[canonical] = tensor.float()
+    adapter.load_state_dict(state, strict=True, assign=True)
     adapter.source_path = path
     adapter.training_info = info.training
     return adapter.to(device).eval().requires_grad_(False)
