@@ -86,6 +86,11 @@ def remove_vmix_hooks(root: nn.Module) -> int:
     return removed
 
 
+def count_vmix_hooks(root: nn.Module) -> int:
+    """How many VMix hooks sit on ``root``'s modules."""
+    return sum(1 for module in root.modules() for fn in module._forward_hooks.values() if getattr(fn, _HOOK_MARK, False))
+
+
 def remove_all() -> None:
     """Remove the hooks of every live ValueMixer (lifecycle start, postprocess, script unload)."""
     for mixer in list(_MIXERS):

@@ -14,7 +14,7 @@ carry on): problems end as one of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..adapter_file import AdapterError
@@ -119,8 +119,9 @@ class VMixRunner:
     def on_cfg_denoiser(self, params) -> None:
         self.controller.on_cfg_denoiser(params)
 
-    def shutdown(self) -> None:
-        self.controller.shutdown()
+    def shutdown(self) -> Tuple[int, int]:
+        """(hooks removed, hooks left): see LifecycleController.shutdown."""
+        return self.controller.shutdown()
 
     # -- the decision -----------------------------------------------------------------------
     def _prepare(self, p, settings: VMixSettings, partial: Prepared) -> Prepared:
