@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import struct
 
 import pytest
@@ -368,3 +369,45 @@ def test_bind_report_lists_missing_extra_and_mismatched_layers(good, webui):
     with pytest.raises(AdapterMismatch):
         ValueMixer(adapter).install(tree)
     assert hook_count(tree) == 0
+
+
+def test_a_loaded_adapter_owns_its_memory(tmp_path, adapter):
+    """load_file maps the file; an adapter kept in the WebUI's cache must survive the file being
+    overwritten in place (a plain `cp` onto it), which would otherwise kill the process (SIGBUS)."""
+    import subprocess
+    import sys
+
+    for dtype in (torch.float32, torch.float16):
+        path = save_adapter(adapter, tmp_path / f"owned-{dtype}.safetensors", dtype=dtype)
+        code = (
+            "import sys, torch\n"
+            "from vmix_lib.adapter_file import load_adapter\n"
+            "a = load_adapter(sys.argv[1])\n"
+            "open(sys.argv[1], 'wb').close()\n"
+            "print(sum(float(t.double().sum()) for t in a.state_dict().values()) != 0)\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, capture_output=True, text=True)
+        assert (result.returncode, result.stdout.strip()) == (0, "True"), result.stderr[-500:]
+
+
+@pytest.mark.parametrize("dtype, value", [
+    (torch.float16, float("nan")), (torch.float32, float("inf")), (torch.bfloat16, float("-inf")),
+])
+def test_every_non_finite_value_is_found(tmp_path, adapter, dtype, value):
+    from safetensors.torch import load_file as read_tensors, save_file as write_tensors
+
+    path = save_adapter(adapter, tmp_path / "good.safetensors", dtype=dtype)
+    tensors = read_tensors(str(path))
+    key = sorted(k for k in tensors if k.startswith("values."))[-1]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[-1] = value  # the very last value of the last W_a
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    write_tensors(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(AdapterError, match=f"has non-finite values \\(NaN or inf\\) in tensor '{re.escape(key)}'"):
+        load_adapter(tmp_path / "bad.safetensors")
+    big = torch.full((4096,), torch.finfo(dtype).max, dtype=dtype)  # finite values whose sum overflows dtype
+    from vmix_lib.adapter_file import _all_finite
+
+    assert _all_finite(big) and _all_finite(-big) and not _all_finite(torch.cat([big, torch.tensor([value], dtype=dtype)]))

@@ -206,6 +206,13 @@ def read_adapter_info(path: str) -> AdapterInfo:
     return _check_metadata(path, header)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass without a mask as large as the tensor: a sum in a
+    wider float is NaN or ±inf exactly when a value is (finite F16/F32/BF16 values cannot overflow it)."""
+    wider = torch.float32 if tensor.dtype == torch.float16 else torch.float64
+    return math.isfinite(float(tensor.sum(dtype=wider)))
+
+
 def _canonical_name(name: str) -> str:
     if name.startswith("values.") and name.endswith(".weight"):
         layer = name[len("values."):-len(".weight")]
@@ -267,14 +274,16 @@ def load_adapter(path: str, device: str | torch.device = "cpu", dtype: Optional[
         )
     state = {}
     for canonical, (name, _) in entries.items():
+        # load_file maps the file: copy each tensor into memory of its own (a file replaced in place
+        # while the adapter is cached must not take the WebUI down), in the dtype it is kept in.
         tensor = tensors.pop(name)
-        if not torch.isfinite(tensor).all():
+        if not _all_finite(tensor):
             raise AdapterError(path, f"has non-finite values (NaN or inf) in tensor {name!r}")
         if canonical.startswith("values."):
             canonical = "values." + canonical[len("values."):-len(".weight")].replace(".", "__") + ".weight"
-            state[canonical] = tensor if dtype is None else tensor.to(dtype)
+            state[canonical] = tensor.to(dtype=dtype or tensor.dtype, copy=True)
         else:
-            state[canonical] = tensor.float()
+            state[canonical] = tensor.to(dtype=torch.float32, copy=True)
     adapter.load_state_dict(state, strict=True, assign=True)
     adapter.source_path = path
     adapter.training_info = info.training
