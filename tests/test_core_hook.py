@@ -476,3 +476,15 @@ def test_training_through_the_hook_survives_gradient_checkpointing():
         grads.append(adapter.projection.out.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_shared_values_stay_bounded_across_many_prompt_lengths(trees):
+    tree, adapter = trees["sd15"]
+    mixer = ValueMixer(adapter)
+    values = mixer.values
+    n = len(tree.names)
+    with torch.no_grad(), mixer.applied(tree):
+        for chunks in range(1, 12):  # prompts of 77 … 847 tokens, generation after generation
+            tree(context_for(tree, 77 * chunks))
+            assert len(values._tensors) <= values.MAX_FORMS * n
+    assert values.computed == n  # the float32 bases were never recomputed

@@ -106,6 +106,8 @@ class AestheticValues:
     while the adapter, α and the UNet's device and dtype stay the same (``matches``).
     """
 
+    MAX_FORMS = 8  # cached tensors per layer (float32 bases, casts, tilings) before the casts are dropped
+
     def __init__(self, adapter: VMixAdapter, f_a: torch.Tensor, key: Optional[tuple] = None):
         self.adapter = adapter
         self.f_a = f_a
@@ -158,6 +160,10 @@ class AestheticValues:
                 self._tensors[base_key] = base
             values = torch.cat([base] * chunks, dim=-2) if chunks > 1 else base
             values = values.to(dtype)
+            if len(self._tensors) >= self.MAX_FORMS * len(self.adapter.layer_names):
+                # Kept across generations: let prompt lengths and dtypes that came and went go.
+                for stale in [k for k in self._tensors if len(k) == 4]:
+                    del self._tensors[stale]
             self._tensors[key] = values
         return values
 
