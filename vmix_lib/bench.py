@@ -138,7 +138,9 @@ def build_unet(family: str, seed: int = 0, device="cpu", dtype: torch.dtype = to
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**(config or CONFIGS[family]))
-    unet = unet.to_empty(device=device).to(dtype)
+    if dtype != torch.float32:
+        unet = unet.to(dtype)  # still on meta: no float32 copy on the device first
+    unet = unet.to_empty(device=device)
     g = torch.Generator().manual_seed(seed)
     pool = torch.randn(1 << 22, generator=g).to(device)
     with torch.no_grad():
