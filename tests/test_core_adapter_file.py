@@ -411,3 +411,35 @@ def test_every_non_finite_value_is_found(tmp_path, adapter, dtype, value):
     from vmix_lib.adapter_file import _all_finite
 
     assert _all_finite(big) and _all_finite(-big) and not _all_finite(torch.cat([big, torch.tensor([value], dtype=dtype)]))
+
+
+def test_loading_while_a_webui_loads_a_checkpoint(tmp_path, adapter, monkeypatch):
+    """While they load a checkpoint, which A1111 does in another thread as the UI (and so the adapter
+    menu) is built, A1111 replaces Module.load_state_dict and Module.to and forces Linear onto meta
+    (modules/sd_disable_initialization.py) and Forge swaps torch.nn.Linear/LayerNorm for its own
+    operations (backend/operations.py).  Found in the real A1111: the adapter check at UI build time
+    raised "load_state_dict() got an unexpected keyword argument 'assign'" and the WebUI exited."""
+    path = save_adapter(adapter, tmp_path / "during.safetensors", dtype=torch.float16)
+    expected = load_adapter(path).state_dict()
+
+    def refuse(*args, **kwargs):
+        raise TypeError("load_state_dict() got an unexpected keyword argument 'assign'")
+
+    class ForgeLinear(torch.nn.Module):  # like Forge's operations: no weight until loaded, a dummy parameter
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.empty(1))
+            self.weight = None
+
+    linear_init = torch.nn.Linear.__init__
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", refuse)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(torch.nn.Linear, "__init__", lambda self, *a, **k: linear_init(self, *a, **{**k, "device": "meta"}))
+    monkeypatch.setattr(torch.nn, "Linear", ForgeLinear)
+    monkeypatch.setattr(torch.nn, "LayerNorm", ForgeLinear)
+    loaded = load_adapter(path)
+    monkeypatch.undo()
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert {type(m).__name__ for m in loaded.modules()} == {"VMixAdapter", "AestheticProjection", "Linear",
+                                                            "LayerNorm", "ModuleDict"}

@@ -121,7 +121,7 @@ def hint_map(text):
     import json
     import re
 
-    found = re.findall(r"<span class='vmix-hints' hidden data-vmix-hints=\"([^\"]*)\"></span>", text)
+    found = re.findall(r"<span class='vmix-hints' hidden data-vmix-adapter=\"[^\"]*\" data-vmix-hints=\"([^\"]*)\"></span>", text)
     assert len(found) == 1 and text.endswith("</span>")
     return json.loads(html_lib.unescape(found[0]))
 
@@ -144,6 +144,7 @@ def test_a_damaged_file_is_named_as_soon_as_it_is_selected(damaged):
             f"&#x27;{key}&#x27;. Copy it again") in text
     assert "vmix-damaged" in text and "fits the loaded checkpoint" not in text
     assert "alpha_1" in hint_map(text)  # its metadata still names the dimensions
+    assert "data-vmix-adapter=\"a_nan\"" in text and "data-vmix-adapter=\"\"" in panel.info_html(library, None, SD15)
 
 
 def test_the_full_check_runs_once_per_file_version(damaged, monkeypatch):
@@ -215,3 +216,21 @@ def test_messages_show_the_folder_relative_to_the_webui(tmp_path):
     library = AdapterLibrary(lambda: str(models), shown=lambda path: shown_folder(path, [str(webui)]))
     text = panel.info_html(library, None, None)
     assert "No VMix adapter found in <code>models/VMix</code>" in text and str(tmp_path) not in text
+
+
+def test_an_unexpected_loader_error_never_breaks_the_panel(tmp_path):
+    # The panel is built while the WebUI starts; an exception there stops the whole WebUI.
+    write_adapter(tmp_path / "a.safetensors")
+    write_adapter(tmp_path / "b.safetensors")
+
+    def loader(path, device):
+        if path.endswith("a.safetensors"):
+            raise TypeError("something the WebUI patched")
+        from vmix_lib.adapter_file import load_adapter
+
+        return load_adapter(path, device)
+
+    library = AdapterLibrary(lambda: str(tmp_path), loader=loader)
+    assert library.default_name() == "b"
+    text = panel.info_html(library, "a", SD15)
+    assert "⚠ VMix could not check a: TypeError: something the WebUI patched" in text

@@ -206,6 +206,25 @@ def read_adapter_info(path: str) -> AdapterInfo:
     return _check_metadata(path, header)
 
 
+def _assign(adapter: VMixAdapter, state: Dict[str, torch.Tensor], path: str) -> None:
+    """Put the file's tensors into the module built on ``meta``, as its parameters and buffers.
+
+    Not through ``load_state_dict``: AUTOMATIC1111 replaces ``torch.nn.Module.load_state_dict`` (and
+    ``Module.to``) process-wide while it loads a checkpoint, which it does in another thread while
+    the UI, and so the adapter menu, is built.
+    """
+    for key, tensor in state.items():
+        owner, _, name = key.rpartition(".")
+        module = adapter.get_submodule(owner) if owner else adapter
+        if name in module._buffers:
+            module._buffers[name] = tensor
+        else:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    left = [n for n, t in [*adapter.named_parameters(), *adapter.named_buffers()] if t.is_meta]
+    if left:  # the layout check above makes this unreachable; never hand out a half-filled module
+        raise AdapterError(path, f"could not be assembled (no data for {left[0]!r})")
+
+
 def _all_finite(tensor: torch.Tensor) -> bool:
     """Whether every value is finite, in one pass without a mask as large as the tensor: a sum in a
     wider float is NaN or ±inf exactly when a value is (finite F16/F32/BF16 values cannot overflow it)."""
@@ -284,10 +303,11 @@ def load_adapter(path: str, device: str | torch.device = "cpu", dtype: Optional[
             state[canonical] = tensor.to(dtype=dtype or tensor.dtype, copy=True)
         else:
             state[canonical] = tensor.to(dtype=torch.float32, copy=True)
-    adapter.load_state_dict(state, strict=True, assign=True)
+    _assign(adapter, state, path)
     adapter.source_path = path
     adapter.training_info = info.training
-    return adapter.to(device).eval().requires_grad_(False)
+    adapter = adapter.eval().requires_grad_(False)
+    return adapter if torch.device(device).type == "cpu" else adapter.to(device)
 
 
 def adapter_state(adapter: VMixAdapter, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:

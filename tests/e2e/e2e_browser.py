@@ -166,6 +166,12 @@ class WebUIPage:
                                     if o.get_attribute("aria-label") == name], f"adapter {name!r} in the list")[0]
         option.click()
         self.wait(lambda: self.adapter_value(tab) == name, f"adapter {name!r} selected")
+        self.wait(lambda: self.described(tab) == name, f"the info line of adapter {name!r}")
+
+    def described(self, tab: str) -> Optional[str]:
+        """The adapter the info line describes (the server's answer has arrived)."""
+        return self.js("const e = document.querySelector('#' + arguments[0] + ' [data-vmix-adapter]');"
+                       " return e ? e.getAttribute('data-vmix-adapter') : null;", self.vid(tab, "info"))
 
     def type_in_adapter_box(self, tab: str, text: str, leave: bool = False) -> None:
         box = self.adapter_box(tab)

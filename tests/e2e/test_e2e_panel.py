@@ -74,8 +74,10 @@ def test_01_hover_hints_and_the_slider_grid(page, state):
     assert max(a["w"] for a in alphas) - min(a["w"] for a in alphas) < 1
     columns = sorted({round(a["x"]) for a in alphas})
     rows = sorted({round(a["y"]) for a in alphas})
-    page.note(f"  grid: {len(columns)} columns × {len(rows)} rows")
+    width = page.js("return document.getElementById(arguments[0]).getBoundingClientRect().width;", page.vid(tab, "enabled"))
+    page.note(f"  grid: {len(columns)} columns × {len(rows)} rows in a {width:.0f} px wide accordion")
     assert len(columns) * len(rows) >= len(alphas) and len(columns) * (len(rows) - 1) < len(alphas)
+    assert len(columns) >= min(len(alphas), int(width // 200)), "the sliders do not use the accordion's width"
     page.screenshot("panel-txt2img", f"#{page.vid(tab, 'enabled')}")
     errors = [e for e in page.console_errors() if "vmix" in e.lower()]
     page.note(f"  browser console errors from VMix: {errors}")
@@ -222,3 +224,18 @@ def write_damaged_copy(source, path):
     key = sorted(k for k in tensors if k.startswith("values."))[0]
     tensors[key][0, 0] = float("nan")
     save_file(tensors, path, metadata=metadata)
+
+
+def test_08_api_errors_name_the_folder_as_configured(page):
+    page.note("== HTTP API error")
+    import json
+    import urllib.error
+
+    payload = dict(SMALL, prompt="x", alwayson_scripts={"VMix": {"args": [{"adapter": "vmix_e2e_not_there"}]}})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        page.api_json("/sdapi/v1/txt2img", payload)
+    body = json.loads(e.value.read())
+    page.note(f"  HTTP {e.value.code}: {body}")
+    assert e.value.code == 422 and body.get("error", "VMixError") == "VMixError"  # Forge sends the detail only
+    assert "'vmix_e2e_not_there' is not installed in models/VMix;" in body["detail"]
+    assert "/tmp" not in body["detail"] and "/work" not in body["detail"] and "/home" not in body["detail"]

@@ -146,7 +146,7 @@ class AdapterLibrary:
             try:
                 if self.check(name) is None:
                     return name
-            except (OSError, ValueError):
+            except Exception:  # never let one odd file break the panel (it is built at startup)
                 continue
         return names[0] if names else None
 

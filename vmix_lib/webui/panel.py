@@ -106,9 +106,12 @@ def hints(dimensions: Optional[Sequence[AestheticDimension]] = None, family: Opt
     return out
 
 
-def _hints_carrier(hint_map: Dict[str, str]) -> str:
+def _hints_carrier(hint_map: Dict[str, str], selected: Optional[str]) -> str:
+    """The hidden element javascript/vmix.js reads; it also names the adapter the line describes
+    (so the line changes with the name even where two adapters read the same)."""
     data = html.escape(json.dumps(hint_map, ensure_ascii=False), quote=True)
-    return f"<span class='vmix-hints' hidden {HINTS_ATTRIBUTE}=\"{data}\"></span>"
+    name = html.escape(selected or "", quote=True)
+    return f"<span class='vmix-hints' hidden data-vmix-adapter=\"{name}\" {HINTS_ATTRIBUTE}=\"{data}\"></span>"
 
 
 def fit_text(info: AdapterInfo, model: Optional[FamilyReport]) -> str:
@@ -124,7 +127,7 @@ def info_html(library: AdapterLibrary, selected: Optional[str], model: Optional[
     "damaged: ..." as soon as a selected file fails the full check.  Followed by the hints carrier."""
     folder = library.shown_folder()
     line, hint_map = _line(library, selected, model, folder)
-    return line + _hints_carrier(hint_map)
+    return line + _hints_carrier(hint_map, selected)
 
 
 def _line(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport], folder: Optional[str]):
@@ -150,6 +153,9 @@ def _line(library: AdapterLibrary, selected: Optional[str], model: Optional[Fami
         damage = library.check(name)
     except (ValueError, OSError) as e:  # the file vanished or became unreadable since info()
         return f"<span class='vmix-info vmix-warning'>⚠ {esc(str(e))}</span>", hint_map
+    except Exception as e:  # a bug or an odd environment: say so, never break the panel
+        return (f"<span class='vmix-info vmix-warning'>⚠ VMix could not check {esc(name)}: "
+                f"{esc(type(e).__name__)}: {esc(str(e))}</span>"), hint_map
     if damage is not None:
         return (
             f"<span class='vmix-info vmix-warning vmix-damaged'>⚠ damaged: {esc(str(damage))} "
