@@ -226,10 +226,12 @@ def _assign(adapter: VMixAdapter, state: Dict[str, torch.Tensor], path: str) -> 
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite, in one pass without a mask as large as the tensor: a sum in a
-    wider float is NaN or ±inf exactly when a value is (finite F16/F32/BF16 values cannot overflow it)."""
-    wider = torch.float32 if tensor.dtype == torch.float16 else torch.float64
-    return math.isfinite(float(tensor.sum(dtype=wider)))
+    """Whether every value is finite, in one pass without a mask as large as the tensor: a float32 sum
+    is NaN or ±inf whenever a value is (NaN propagates, inf + -inf is NaN).  Finite F16 values cannot
+    overflow it; where F32/BF16 values do, the exact element-wise test decides."""
+    if math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return True
+    return tensor.dtype != torch.float16 and bool(torch.isfinite(tensor).all())
 
 
 def _canonical_name(name: str) -> str:
