@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import struct
 
 import pytest
@@ -111,9 +112,19 @@ def test_half_precision_save(tmp_path, adapter, dtype, tag):
     assert {v for k, v in dtypes.items() if not k.startswith("values.")} == {"F32"}  # AesEmb, projection
     assert os.path.getsize(half) < 0.55 * os.path.getsize(full)
     loaded = load_adapter(half)
+    for name in adapter.layer_names:  # W_a stay in the file's dtype in memory
+        weight = loaded.value(name).weight
+        assert weight.dtype == dtype and torch.equal(weight, adapter.value(name).weight.to(dtype))
+    assert loaded.aes_emb.dtype == torch.float32 and torch.equal(loaded.aes_emb, adapter.aes_emb)
+    assert {p.dtype for p in loaded.projection.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    # V_a is computed in float32 from them: the same values as a float32 adapter holding those weights
+    widened = load_adapter(half, dtype=torch.float32)
+    assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    f_a = loaded.aesthetic_context(loaded.aesthetic_input({"color": 0.5}))
     for name in adapter.layer_names:
-        assert torch.equal(loaded.value(name).weight, adapter.value(name).weight.to(dtype).float())
-    assert torch.equal(loaded.aes_emb, adapter.aes_emb)
+        v_a = loaded.aesthetic_values(name, f_a)
+        assert v_a.dtype == torch.float32 and torch.equal(v_a, widened.aesthetic_values(name, f_a))
 
 
 def test_diffusers_layer_names_are_accepted(tmp_path, good):
@@ -358,3 +369,77 @@ def test_bind_report_lists_missing_extra_and_mismatched_layers(good, webui):
     with pytest.raises(AdapterMismatch):
         ValueMixer(adapter).install(tree)
     assert hook_count(tree) == 0
+
+
+def test_a_loaded_adapter_owns_its_memory(tmp_path, adapter):
+    """load_file maps the file; an adapter kept in the WebUI's cache must survive the file being
+    overwritten in place (a plain `cp` onto it), which would otherwise kill the process (SIGBUS)."""
+    import subprocess
+    import sys
+
+    for dtype in (torch.float16,):
+        path = save_adapter(adapter, tmp_path / f"owned-{dtype}.safetensors", dtype=dtype)
+        code = (
+            "import sys, torch\n"
+            "from vmix_lib.adapter_file import load_adapter\n"
+            "a = load_adapter(sys.argv[1])\n"
+            "open(sys.argv[1], 'wb').close()\n"
+            "print(sum(float(t.double().sum()) for t in a.state_dict().values()) != 0)\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=root, capture_output=True, text=True)
+        assert (result.returncode, result.stdout.strip()) == (0, "True"), result.stderr[-500:]
+
+
+@pytest.mark.parametrize("dtype, value", [
+    (torch.float16, float("nan")), (torch.float32, float("inf")), (torch.bfloat16, float("-inf")),
+])
+def test_every_non_finite_value_is_found(tmp_path, adapter, dtype, value):
+    from safetensors.torch import load_file as read_tensors, save_file as write_tensors
+
+    path = save_adapter(adapter, tmp_path / "good.safetensors", dtype=dtype)
+    tensors = read_tensors(str(path))
+    key = sorted(k for k in tensors if k.startswith("values."))[-1]
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[-1] = value  # the very last value of the last W_a
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    write_tensors(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    with pytest.raises(AdapterError, match=f"has non-finite values \\(NaN or inf\\) in tensor '{re.escape(key)}'"):
+        load_adapter(tmp_path / "bad.safetensors")
+    big = torch.full((4096,), torch.finfo(dtype).max, dtype=dtype)  # finite values whose sum overflows dtype
+    from vmix_lib.adapter_file import _all_finite
+
+    assert _all_finite(big) and _all_finite(-big) and not _all_finite(torch.cat([big, torch.tensor([value], dtype=dtype)]))
+
+
+def test_loading_while_a_webui_loads_a_checkpoint(tmp_path, adapter, monkeypatch):
+    """While they load a checkpoint, which A1111 does in another thread as the UI (and so the adapter
+    menu) is built, A1111 replaces Module.load_state_dict and Module.to and forces Linear onto meta
+    (modules/sd_disable_initialization.py) and Forge swaps torch.nn.Linear/LayerNorm for its own
+    operations (backend/operations.py).  Found in the real A1111: the adapter check at UI build time
+    raised "load_state_dict() got an unexpected keyword argument 'assign'" and the WebUI exited."""
+    path = save_adapter(adapter, tmp_path / "during.safetensors", dtype=torch.float16)
+    expected = load_adapter(path).state_dict()
+
+    def refuse(*args, **kwargs):
+        raise TypeError("load_state_dict() got an unexpected keyword argument 'assign'")
+
+    class ForgeLinear(torch.nn.Module):  # like Forge's operations: no weight until loaded, a dummy parameter
+        def __init__(self, *args, **kwargs):
+            super().__init__()
+            self.dummy = torch.nn.Parameter(torch.empty(1))
+            self.weight = None
+
+    linear_init = torch.nn.Linear.__init__
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", refuse)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(torch.nn.Linear, "__init__", lambda self, *a, **k: linear_init(self, *a, **{**k, "device": "meta"}))
+    monkeypatch.setattr(torch.nn, "Linear", ForgeLinear)
+    monkeypatch.setattr(torch.nn, "LayerNorm", ForgeLinear)
+    loaded = load_adapter(path)
+    monkeypatch.undo()
+    state = loaded.state_dict()
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert {type(m).__name__ for m in loaded.modules()} == {"VMixAdapter", "AestheticProjection", "Linear",
+                                                            "LayerNorm", "ModuleDict"}

@@ -233,7 +233,7 @@ def test_context_not_multiple_of_77_is_left_alone_and_warns_once(trees, caplog):
     assert len(warnings) == 1 and "80 tokens" in warnings[0].getMessage()
 
 
-def test_aesthetic_values_computed_once_per_generation(trees, monkeypatch):
+def test_aesthetic_values_computed_once_per_adapter_alphas_and_device(trees, monkeypatch):
     tree, adapter = trees["sd15"]
     calls = []
     original = adapter.aesthetic_values
@@ -257,15 +257,43 @@ def test_aesthetic_values_computed_once_per_generation(trees, monkeypatch):
             tree(context_for(tree, 77))
         assert len(calls) == 2 * n
     calls.clear()
-    mixer.install(tree)  # a new generation
+    mixer.install(tree)  # the same mixer in a new generation keeps its V_a
     mixer.arm()
-    mixer.precompute("cpu", torch.float32)  # prepared up front, not in the first step
-    assert len(calls) == n
+    mixer.precompute("cpu", torch.float32)
     with torch.no_grad():
         tree(context_for(tree, 77))
-    assert len(calls) == n
+    assert calls == []
     mixer.remove()
     assert no_hooks(tree)
+
+
+def test_next_generation_shares_values_when_only_strength_changes(trees, monkeypatch):
+    """What the WebUI runner does: a fresh mixer per generation, V_a shared while adapter and α match."""
+    tree, adapter = trees["sd15"]
+    context = context_for(tree, 77)
+    calls = []
+    original = adapter.aesthetic_values
+    monkeypatch.setattr(adapter, "aesthetic_values", lambda name, f_a, device=None: calls.append(name) or original(name, f_a, device))
+    alphas = {"color": 0.5}
+    first = ValueMixer(adapter, strength=1.0, alphas=alphas)
+    with torch.no_grad():
+        with first.applied(tree):
+            one = tree(context)
+        assert len(calls) == len(tree.names) == first.values.computed
+        values = first.values
+        assert values.matches(adapter, {"color": 0.5, "lighting": 1.0})  # same α: missing names are 1
+        assert not values.matches(adapter, {"color": 0.25}) and not values.matches(adapter, {"nope": 1})
+        second = ValueMixer(adapter, strength=2.0, layer_strengths={tree.names[0]: 0.5}, values=values)
+        with second.applied(tree):
+            two = tree(context)
+        assert len(calls) == len(tree.names)  # λ and block weights changed: nothing recomputed
+        fresh = ValueMixer(adapter, strength=2.0, alphas=alphas, layer_strengths={tree.names[0]: 0.5})
+        with fresh.applied(tree):
+            reference = tree(context)
+    assert_outputs_equal(two, reference)  # sharing gives exactly what a fresh mixer gives
+    assert not torch.equal(one[tree.names[1]], two[tree.names[1]])
+    with pytest.raises(ValueError, match="another adapter"):
+        ValueMixer(trees["sdxl"][1], values=values)
 
 
 def test_per_row_aesthetic_context(trees):
@@ -448,3 +476,15 @@ def test_training_through_the_hook_survives_gradient_checkpointing():
         grads.append(adapter.projection.out.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_shared_values_stay_bounded_across_many_prompt_lengths(trees):
+    tree, adapter = trees["sd15"]
+    mixer = ValueMixer(adapter)
+    values = mixer.values
+    n = len(tree.names)
+    with torch.no_grad(), mixer.applied(tree):
+        for chunks in range(1, 12):  # prompts of 77 … 847 tokens, generation after generation
+            tree(context_for(tree, 77 * chunks))
+            assert len(values._tensors) <= values.MAX_FORMS * n
+    assert values.computed == n  # the float32 bases were never recomputed

@@ -412,3 +412,18 @@ def write_adapter(path, layout_family: str = "sd15", seed: int = 1, dtype=torch.
     adapter = make_adapter(LAYOUTS[layout_family], layout_family, seed, dimensions)
     save_adapter(adapter, str(path), training={"test": True}, dtype=dtype)
     return adapter
+
+
+def write_damaged_adapter(source, path, value=float("nan")):
+    """A copy of the adapter file ``source`` whose header and metadata are fine but one W_a holds
+    ``value`` (NaN): what a bad export or a flipped disk block leaves; only the full load sees it."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), "pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    key = sorted(k for k in tensors if k.startswith("values."))[0]
+    tensors[key][0, 0] = value
+    save_file(tensors, str(path), metadata=metadata)
+    return key

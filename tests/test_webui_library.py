@@ -196,3 +196,24 @@ def test_package_helpers_outside_a_webui():
             webui.validate_adapter_name("anything")
     finally:
         webui.set_default_library(None)
+
+
+def test_messages_name_the_folder_as_shown_and_keep_the_full_path_for_the_console(folder, tmp_path):
+    from vmix_lib.webui.library import AdapterNameError, console_text
+
+    lib = AdapterLibrary(lambda: str(folder), shown=lambda path: "models/VMix")
+    with pytest.raises(AdapterNameError) as e:
+        lib.validate("gamma")
+    assert str(e.value) == "VMix adapter 'gamma' is not installed in models/VMix; installed adapters: alpha, Beta."
+    assert console_text(e.value) == f"VMix adapter 'gamma' is not installed in {folder}; installed adapters: alpha, Beta."
+    assert str(folder) not in str(e.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    lib = AdapterLibrary(lambda: str(empty), shown=lambda path: "models/VMix")
+    assert lib.no_adapter_message().startswith("no VMix adapter is installed in models/VMix;")
+    assert lib.no_adapter_message(console=True).startswith(f"no VMix adapter is installed in {empty};")
+    with pytest.raises(AdapterNameError) as e:
+        lib.validate("gamma")
+    assert "models/VMix" in str(e.value) and str(empty) in console_text(e.value) and str(empty) not in str(e.value)
+    broken = AdapterLibrary(lambda: str(folder), shown=lambda path: 1 / 0)
+    assert broken.shown_folder() == "the adapter folder"  # never the path because the helper failed

@@ -10,6 +10,7 @@ from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
     tiny_layout, value_hook_count,
 )
 from vmix_lib.hook import ValueMixer
+from vmix_lib.layers import find_cross_attention_layers
 from vmix_lib.webui.lifecycle import PRE_HOOK_MARK
 from vmix_lib.webui.runner import VMixRunner
 
@@ -266,3 +267,22 @@ def test_block_weights_scale_layers(setup, unet, adapter):
     generation(runner, model, args(block_weights="ALL:0, MID:1"))
     mixer = runner.controller.current.mixer
     assert mixer.layer_strengths == {name: 0.0 for name in adapter.layer_names if not name.startswith("middle_block")}
+
+
+def test_reload_ui_reports_what_it_removed(setup, unet, library):
+    # A job stopped by a bad argument raises at its first UNet call, so postprocess never runs and
+    # its UNet pre-hook stays until the next job or "Reload UI" (what the browser check observes).
+    from vmix_lib.webui.app import unload_report
+    from vmix_lib.webui.lifecycle import VMixError
+
+    runner, host, model = setup
+    generation(runner, model, args(block_weights="IN:9"))
+    with pytest.raises(VMixError):
+        a1111_denoise(unet, *data())
+    assert vmix_hook_count(unet) == (0, 1)
+    assert runner.shutdown() == (1, 0) and vmix_hook_count(unet) == (0, 0)
+    assert runner.shutdown() == (0, 0)
+    assert unload_report(1, 0) == "[VMix] Reload UI: removed 1 VMix hook(s); nothing of VMix is left on the loaded model."
+    generation(runner, model, args())  # a hooked generation that never ended
+    assert vmix_hook_count(unet)[0] == len(find_cross_attention_layers(unet))
+    assert runner.shutdown() == (len(find_cross_attention_layers(unet)), 0)

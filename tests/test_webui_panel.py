@@ -50,7 +50,7 @@ def test_info_line_problems_are_escaped_sentences(library):
 def test_sliders_follow_the_adapter(library):
     updates = panel.slider_updates(panel.dimensions_of(library, "style <b>"))
     assert [u["visible"] for u in updates] == [True] * 6 + [False] * 2
-    assert updates[0]["label"] == "α color (vibrant color)"
+    assert updates[0]["label"] == "α color"  # short; the phrase is in the hover hint
     assert panel.dimensions_of(library, "broken") is None
 
 
@@ -105,8 +105,132 @@ def test_a_restored_adapter_describes_itself_on_the_components(library):
     sliders = [SimpleNamespace(label=f"α {i + 1}", visible=False) for i in range(MAX_DIMENSION_SLOTS)]
     panel.describe_on_components(library, "style <b>", SD15, info, sliders)
     assert info.value == panel.info_html(library, "style <b>", SD15) and "fits the loaded checkpoint" in info.value
-    assert [s.label for s in sliders[:2]] == ["α color (vibrant color)", "α lighting (natural lighting)"]
+    assert [s.label for s in sliders[:2]] == ["α color", "α lighting"]
     assert [s.visible for s in sliders] == [True] * 6 + [False] * (MAX_DIMENSION_SLOTS - 6)
     panel.describe_on_components(library, "broken", SD15, info, sliders)
     assert "⚠ VMix adapter &#x27;broken.safetensors&#x27;" in info.value
     assert [(s.label, s.visible) for s in sliders] == [(f"α {i + 1}", False) for i in range(MAX_DIMENSION_SLOTS)]
+
+
+# ---------------------------------------------------------------- damaged files, hover hints
+
+
+def hint_map(text):
+    """The {suffix: hint} the info line carries for javascript/vmix.js."""
+    import html as html_lib
+    import json
+    import re
+
+    found = re.findall(r"<span class='vmix-hints' hidden data-vmix-adapter=\"[^\"]*\" data-vmix-hints=\"([^\"]*)\"></span>", text)
+    assert len(found) == 1 and text.endswith("</span>")
+    return json.loads(html_lib.unescape(found[0]))
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    from test_webui_fakes import write_damaged_adapter
+
+    write_adapter(tmp_path / "good.safetensors")
+    key = write_damaged_adapter(tmp_path / "good.safetensors", tmp_path / "a_nan.safetensors")
+    return tmp_path, key
+
+
+def test_a_damaged_file_is_named_as_soon_as_it_is_selected(damaged):
+    folder, key = damaged
+    library = AdapterLibrary(lambda: str(folder))
+    assert library.info("a_nan").family == "sd15"  # the header and metadata are fine
+    text = panel.info_html(library, "a_nan", SD15)
+    assert (f"⚠ damaged: VMix adapter &#x27;a_nan.safetensors&#x27; has non-finite values (NaN or inf) in tensor "
+            f"&#x27;{key}&#x27;. Copy it again") in text
+    assert "vmix-damaged" in text and "fits the loaded checkpoint" not in text
+    assert "alpha_1" in hint_map(text)  # its metadata still names the dimensions
+    assert "data-vmix-adapter=\"a_nan\"" in text and "data-vmix-adapter=\"\"" in panel.info_html(library, None, SD15)
+
+
+def test_the_full_check_runs_once_per_file_version(damaged, monkeypatch):
+    folder, _ = damaged
+    from vmix_lib.adapter_file import load_adapter
+
+    reads = []
+    library = AdapterLibrary(lambda: str(folder), loader=lambda path, device: reads.append(os.path.basename(path))
+                             or load_adapter(path, device))
+    assert library.default_name() == "good"  # "a_nan" sorts first but does not load completely
+    for _ in range(3):
+        panel.info_html(library, "a_nan", SD15)
+        panel.info_html(library, "good", SD15)
+        assert library.default_name() == "good"
+    assert sorted(reads) == ["a_nan.safetensors", "good.safetensors"]
+    os.utime(folder / "a_nan.safetensors", ns=(1, 1))  # a new version of the file: checked again
+    assert library.check("a_nan") is not None and reads.count("a_nan.safetensors") == 2
+
+
+def test_hints_explain_every_control(library):
+    hints = hint_map(panel.info_html(library, "style <b>", SD15))
+    assert set(hints) == {"enabled", "adapter", "refresh", "strength", "start", "end", "uncond", "block_weights",
+                          *[f"alpha_{i + 1}" for i in range(6)]}
+    assert "0 = the base model, bit for bit" in hints["strength"]
+    assert "“vibrant color”" in hints["alpha_1"] and "0 = its negative “sks”" in hints["alpha_1"]
+    assert "“evocative emotion”" in hints["alpha_6"]
+    assert "Example: IN:1, MID:0.5, OUT:1" in hints["block_weights"] and "16 for this SD1.5 adapter" in hints["block_weights"]
+    assert "unconditional pass" in hints["uncond"] and "fraction of sampling" in hints["start"]
+    assert "adapter folder" in hints["refresh"] and "No official VMix weights" in hints["adapter"]
+    # a name that is not installed keeps the last adapter's sliders, and so their hints
+    unknown = hint_map(panel.info_html(library, "g", SD15))
+    assert not any(k.startswith("alpha_") for k in unknown) and "16 for SD1.5, 70 for SDXL" in unknown["block_weights"]
+
+
+def test_every_hint_names_an_element_the_panel_creates():
+    import re
+
+    with open(os.path.join(ROOT, "vmix_lib", "webui", "ui.py"), encoding="utf-8") as f:
+        source = f.read()
+    ids = set(re.findall(r'elem_id\("([a-z_]+)"\)', source))
+    assert 'elem_id(f"alpha_{i + 1}")' in source
+    ids |= {f"alpha_{i + 1}" for i in range(MAX_DIMENSION_SLOTS)}
+    from vmix_lib.dimensions import DEFAULT_DIMENSIONS
+
+    assert set(panel.hints(DEFAULT_DIMENSIONS, "sdxl", 1.0)) <= ids
+
+
+def test_typing_in_the_adapter_box_changes_nothing(library):
+    line, sliders = panel.describe(library, "g", SD15)
+    assert "⚠ VMix adapter &#x27;g&#x27; is not installed" in line and sliders is None  # sliders kept
+    line, sliders = panel.describe(library, "style <b>", SD15)
+    assert sliders == panel.slider_updates(panel.dimensions_of(library, "style <b>"))
+    with pytest.raises(ValueError, match="without folders or path separators"):
+        library.validate(panel.TYPING)  # the marker can never be an adapter's name
+    guard = panel.settled_js("script_txt2img_vmix_adapter")
+    assert '"script_txt2img_vmix_adapter"' in guard and f'"{panel.TYPING}"' in guard and "activeElement" in guard
+    assert '"script_img2img_vmix_adapter"' in panel.left_js("script_img2img_vmix_adapter")
+
+
+def test_messages_show_the_folder_relative_to_the_webui(tmp_path):
+    from vmix_lib.webui.library import shown_folder
+
+    webui = tmp_path / "webui"
+    models = webui / "models" / "VMix"
+    models.mkdir(parents=True)
+    assert shown_folder(str(models), [str(tmp_path / "data"), str(webui)]) == "models/VMix"
+    assert shown_folder(str(tmp_path / "elsewhere"), [str(webui)], "the folder given by --vmix-dir") == "the folder given by --vmix-dir"
+    assert shown_folder(str(webui), [str(webui)]) == "the WebUI folder"
+    library = AdapterLibrary(lambda: str(models), shown=lambda path: shown_folder(path, [str(webui)]))
+    text = panel.info_html(library, None, None)
+    assert "No VMix adapter found in <code>models/VMix</code>" in text and str(tmp_path) not in text
+
+
+def test_an_unexpected_loader_error_never_breaks_the_panel(tmp_path):
+    # The panel is built while the WebUI starts; an exception there stops the whole WebUI.
+    write_adapter(tmp_path / "a.safetensors")
+    write_adapter(tmp_path / "b.safetensors")
+
+    def loader(path, device):
+        if path.endswith("a.safetensors"):
+            raise TypeError("something the WebUI patched")
+        from vmix_lib.adapter_file import load_adapter
+
+        return load_adapter(path, device)
+
+    library = AdapterLibrary(lambda: str(tmp_path), loader=loader)
+    assert library.default_name() == "b"
+    text = panel.info_html(library, "a", SD15)
+    assert "⚠ VMix could not check a: TypeError: something the WebUI patched" in text

@@ -256,3 +256,45 @@ def test_a_malformed_file_with_the_stop_setting_names_vmix_once(library, meta_mo
     assert str(e.value).startswith("VMix adapter 'broken.safetensors' ")
     assert "the job was stopped because Settings > VMix is set to stop" in str(e.value)
     runner.shutdown()
+
+
+def test_api_errors_name_the_folder_relative_to_the_webui_and_the_console_keeps_the_full_path(folder, meta_models):
+    library = AdapterLibrary(lambda: str(folder), shown=lambda path: "models/VMix")
+    unet = meta_models["sd15"]
+    runner, host, p = run(library, A1111Model(unet), [True, "nope", 1.0])
+    with pytest.raises(VMixError) as e:
+        unet_call(unet)
+    assert str(e.value) == "VMix adapter 'nope' is not installed in models/VMix; installed adapters: broken, sd15_style."
+    assert host.warnings == [f"VMix adapter 'nope' is not installed in {folder}; installed adapters: broken, "
+                             "sd15_style. The job is stopped."]
+    runner.shutdown()
+    empty = folder.parent / (folder.name + "_empty")
+    empty.mkdir()
+    library = AdapterLibrary(lambda: str(empty), shown=lambda path: "models/VMix")
+    runner, host, p = run(library, A1111Model(unet), [True, None, 1.0])
+    assert p.extra_generation_params["VMix"].startswith("skipped (no VMix adapter is installed in models/VMix;")
+    assert host.warnings[0].startswith(f"VMix skipped: no VMix adapter is installed in {empty};")
+    runner.shutdown()
+
+
+def test_the_next_generation_reuses_v_a_unless_adapter_or_alpha_change(library, meta_models, monkeypatch):
+    from vmix_lib import hook
+
+    made = []
+    original = hook.AestheticValues.for_alphas.__func__
+    monkeypatch.setattr(hook.AestheticValues, "for_alphas",
+                        classmethod(lambda cls, adapter, alphas=None: made.append(alphas) or original(cls, adapter, alphas)))
+    unet = meta_models["sd15"]
+    host = TestHost(A1111Model(unet))
+    runner = VMixRunner(host, library)
+    alphas = [1.0, 0.5, 1, 1, 1, 1, 1, 1]
+    values = []
+    for strength, blocks, slots in ((1.0, "", alphas), (2.0, "", alphas), (0.5, "OUT:0", alphas),
+                                    (1.0, "", [1.0] * 8), (1.5, "", [1.0] * 8)):
+        p = P(A1111Model(unet))
+        runner.process(p, [True, "sd15_style", strength, *slots, 0.0, 1.0, True, blocks])
+        runner.before_sampling(p)
+        values.append(runner.controller.current.mixer.values)
+        runner.postprocess(p)
+    assert values[0] is values[1] is values[2] and values[3] is values[4] and values[2] is not values[3]
+    assert len(made) == 2  # λ and block weights changed without a new V_a; an α change made one

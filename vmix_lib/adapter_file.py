@@ -14,7 +14,8 @@ Tensors (d = context width, N = dimensions, inner = the layer's to_v output widt
 Metadata: key "vmix" holds JSON with format "vmix-adapter", format_version, family ("sd15"/"sdxl"),
 context_dim, tokens (77), dimensions [{name, positive, negative}], train_lambda, training {free-form}.
 Dtypes: F32, F16 or BF16 (save_adapter keeps AesEmb and the projection in F32 and writes W_a in the
-requested dtype); load_adapter returns a float32 module.  The tensor set and shapes must be exactly
+requested dtype).  load_adapter keeps each W_a in the file's dtype (an fp16 SDXL adapter stays 350 MB
+in memory; V_a is computed from it in float32) and returns AesEmb and the projection in float32.  The tensor set and shapes must be exactly
 those of the family's layout; every value must be finite.
 """
 from __future__ import annotations
@@ -209,6 +210,34 @@ def read_adapter_info(path: str, allow_custom_layout: bool = False) -> AdapterIn
     return _check_metadata(path, header, allow_custom_layout)
 
 
+def _assign(adapter: VMixAdapter, state: Dict[str, torch.Tensor], path: str) -> None:
+    """Put the file's tensors into the module built on ``meta``, as its parameters and buffers.
+
+    Not through ``load_state_dict``: AUTOMATIC1111 replaces ``torch.nn.Module.load_state_dict`` (and
+    ``Module.to``) process-wide while it loads a checkpoint, which it does in another thread while
+    the UI, and so the adapter menu, is built.
+    """
+    for key, tensor in state.items():
+        owner, _, name = key.rpartition(".")
+        module = adapter.get_submodule(owner) if owner else adapter
+        if name in module._buffers:
+            module._buffers[name] = tensor
+        else:
+            module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
+    left = [n for n, t in [*adapter.named_parameters(), *adapter.named_buffers()] if t.is_meta]
+    if left:  # the layout check above makes this unreachable; never hand out a half-filled module
+        raise AdapterError(path, f"could not be assembled (no data for {left[0]!r})")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one pass without a mask as large as the tensor: a float32 sum
+    is NaN or ±inf whenever a value is (NaN propagates, inf + -inf is NaN).  Finite F16 values cannot
+    overflow it; where F32/BF16 values do, the exact element-wise test decides."""
+    if math.isfinite(float(tensor.sum(dtype=torch.float32))):
+        return True
+    return tensor.dtype != torch.float16 and bool(torch.isfinite(tensor).all())
+
+
 def _canonical_name(name: str) -> str:
     if name.startswith("values.") and name.endswith(".weight"):
         layer = name[len("values."):-len(".weight")]
@@ -218,8 +247,14 @@ def _canonical_name(name: str) -> str:
     return name
 
 
-def load_adapter(path: str, device: str | torch.device = "cpu", layers: Optional[Mapping[str, int]] = None) -> VMixAdapter:
+def load_adapter(
+    path: str, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+    layers: Optional[Mapping[str, int]] = None,
+) -> VMixAdapter:
     """Load and fully validate an adapter file; raises AdapterError with one clear sentence.
+
+    W_a stay in the file's dtype unless ``dtype`` is given (e.g. float32 to train them further);
+    AesEmb and the projection are always float32 (they are tiny and feed a LayerNorm).
 
     ``layers`` ({layer name: to_v width} of a UNet) is for files the trainer wrote for a UNet of a
     custom, non-SD layout (metadata ``training.custom_layout``: tests, research models): their
@@ -260,26 +295,34 @@ def load_adapter(path: str, device: str | torch.device = "cpu", layers: Optional
         tensors = load_file(path, device="cpu")
     except Exception as e:  # safetensors' own message, in our sentence
         raise AdapterError(path, f"cannot be read as safetensors ({e})") from None
-    adapter = VMixAdapter(
-        info.dimensions,
-        info.context_dim,
-        dict(layers) if layers is not None else {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
-        info.family,
-        tokens=info.tokens,
-        train_lambda=info.train_lambda,
-    )
+    # Built on the meta device and filled by assignment: no float32 copy of 175 M SDXL weights is
+    # ever allocated, and the file's tensors become the module's (no second copy either).
+    with torch.device("meta"):
+        adapter = VMixAdapter(
+            info.dimensions,
+            info.context_dim,
+            dict(layers) if layers is not None else {layer.name: layer.inner_dim for layer in LAYOUTS[info.family]},
+            info.family,
+            tokens=info.tokens,
+            train_lambda=info.train_lambda,
+        )
     state = {}
     for canonical, (name, _) in entries.items():
-        tensor = tensors[name]
-        if not torch.isfinite(tensor).all():
+        # load_file maps the file: copy each tensor into memory of its own (a file replaced in place
+        # while the adapter is cached must not take the WebUI down), in the dtype it is kept in.
+        tensor = tensors.pop(name)
+        if not _all_finite(tensor):
             raise AdapterError(path, f"has non-finite values (NaN or inf) in tensor {name!r}")
         if canonical.startswith("values."):
             canonical = "values." + canonical[len("values."):-len(".weight")].replace(".", "__") + ".weight"
-        state[canonical] = tensor.float()
-    adapter.load_state_dict(state, strict=True)
+            state[canonical] = tensor.to(dtype=dtype or tensor.dtype, copy=True)
+        else:
+            state[canonical] = tensor.to(dtype=torch.float32, copy=True)
+    _assign(adapter, state, path)
     adapter.source_path = path
     adapter.training_info = info.training
-    return adapter.to(device).eval().requires_grad_(False)
+    adapter = adapter.eval().requires_grad_(False)
+    return adapter if torch.device(device).type == "cpu" else adapter.to(device)
 
 
 def adapter_state(adapter: VMixAdapter, dtype: Optional[torch.dtype] = None) -> Dict[str, torch.Tensor]:

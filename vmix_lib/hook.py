@@ -5,7 +5,8 @@ text tokens", so the hook returns ``to_v(context) + λ·tile(V_a)`` and whatever
 LoRA, hypernetwork or attn2 replacement the WebUI runs keeps working unchanged.
 
 Rules (DESIGN §4): hooks are inert unless armed; λ = 0 leaves outputs bit-identical; V_a is
-computed once per generation per device/dtype; removal restores the UNet exactly.
+computed once per adapter, α and device (AestheticValues, shared across generations) and never per
+step; removal restores the UNet exactly.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .layers import FAMILY_TITLES, FamilyReport, LayerInfo, detect_family, find_cross_attention_layers
+from .dimensions import resolve_alphas
 from .mixing import VMixAdapter
 
 log = logging.getLogger("vmix")
@@ -84,10 +86,89 @@ def remove_vmix_hooks(root: nn.Module) -> int:
     return removed
 
 
+def count_vmix_hooks(root: nn.Module) -> int:
+    """How many VMix hooks sit on ``root``'s modules."""
+    return sum(1 for module in root.modules() for fn in module._forward_hooks.values() if getattr(fn, _HOOK_MARK, False))
+
+
 def remove_all() -> None:
     """Remove the hooks of every live ValueMixer (lifecycle start, postprocess, script unload)."""
     for mixer in list(_MIXERS):
         mixer.remove()
+
+
+class AestheticValues:
+    """V_a = W_a·f_a of every layer for one adapter and one aesthetic input f_a.
+
+    Each layer's V_a is computed once per device, in float32, when first needed; its casts to the
+    UNet's dtype and its tilings to 77·k tokens are kept beside it.  λ, block weights, row strengths
+    and the step range are applied in the hook, so mixers of later generations share these tensors
+    while the adapter, α and the UNet's device and dtype stay the same (``matches``).
+    """
+
+    MAX_FORMS = 8  # cached tensors per layer (float32 bases, casts, tilings) before the casts are dropped
+
+    def __init__(self, adapter: VMixAdapter, f_a: torch.Tensor, key: Optional[tuple] = None):
+        self.adapter = adapter
+        self.f_a = f_a
+        self.key = key  # what f_a was made from, e.g. the α of each dimension
+        self._tensors: Dict[tuple, torch.Tensor] = {}
+        self.computed = 0  # W_a·f_a products computed (for tests and the benchmark)
+
+    @classmethod
+    def for_alphas(cls, adapter: VMixAdapter, alphas: Optional[Mapping[str, float]] = None) -> "AestheticValues":
+        """f_a from the per-dimension α (missing = 1), computed once without gradients."""
+        weights = resolve_alphas(adapter.dimensions, alphas)
+        with torch.no_grad():
+            f_a = adapter.aesthetic_context(adapter.aesthetic_input(alphas))
+        return cls(adapter, f_a, key=tuple(weights))
+
+    def matches(self, adapter: VMixAdapter, alphas: Optional[Mapping[str, float]] = None) -> bool:
+        try:
+            return adapter is self.adapter and self.key == tuple(resolve_alphas(adapter.dimensions, alphas))
+        except ValueError:
+            return False
+
+    @property
+    def per_row(self) -> bool:
+        return self.f_a.dim() == 3
+
+    @property
+    def rows(self) -> int:
+        return self.f_a.shape[0] if self.f_a.dim() == 3 else 1
+
+    def tracks_gradients(self, name: str) -> bool:
+        return self.f_a.requires_grad or self.adapter.value(name).weight.requires_grad
+
+    def get(self, name: str, chunks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """V_a of layer ``name`` on ``device`` in ``dtype``, tiled to ``chunks`` × 77 tokens."""
+        if torch.is_grad_enabled() and self.tracks_gradients(name):
+            # Training: a fresh graph per forward, so gradient checkpointing's recomputation
+            # records the same tensors as the first pass (a cached V_a would not be re-saved).
+            values = self.adapter.aesthetic_values(name, self.f_a, device=device)
+            values = torch.cat([values] * chunks, dim=-2) if chunks > 1 else values
+            return values.to(dtype)
+        key = (name, device, dtype, chunks)
+        values = self._tensors.get(key)
+        if values is None:
+            base_key = (name, device)
+            base = self._tensors.get(base_key)
+            if base is None:
+                with torch.no_grad():
+                    base = self.adapter.aesthetic_values(name, self.f_a, device=device)
+                self.computed += 1
+                self._tensors[base_key] = base
+            values = torch.cat([base] * chunks, dim=-2) if chunks > 1 else base
+            values = values.to(dtype)
+            if len(self._tensors) >= self.MAX_FORMS * len(self.adapter.layer_names):
+                # Kept across generations: let prompt lengths and dtypes that came and went go.
+                for stale in [k for k in self._tensors if len(k) == 4]:
+                    del self._tensors[stale]
+            self._tensors[key] = values
+        return values
+
+    def clear(self) -> None:
+        self._tensors.clear()
 
 
 class ValueMixer:
@@ -100,6 +181,9 @@ class ValueMixer:
                        (None = all rows 1; a length that does not match the rows warns once)
       gate             per-step switch (start/end of the sampling range)
       guard            optional callable; the hook acts only while it returns True
+
+    ``values`` (an AestheticValues for this adapter) shares V_a with earlier mixers instead of
+    computing it from ``alphas`` again.
     """
 
     def __init__(
@@ -110,6 +194,7 @@ class ValueMixer:
         layer_strengths: Optional[Mapping[str, float]] = None,
         guard: Optional[Callable[[], bool]] = None,
         strict: bool = False,
+        values: Optional[AestheticValues] = None,
     ):
         self.adapter = adapter
         self.strength = float(strength)
@@ -121,13 +206,18 @@ class ValueMixer:
         self.armed = False
         self._handles: List[torch.utils.hooks.RemovableHandle] = []
         self._unet_ref: Optional[weakref.ref] = None
-        self._aesthetic: Optional[torch.Tensor] = None
-        self._cache: Dict[tuple, torch.Tensor] = {}
+        self._values: Optional[AestheticValues] = None
+        self._rows_cache: Dict[tuple, tuple] = {}
         self._warned: set = set()
         unknown = set(self.layer_strengths) - set(adapter.layer_names)
         if unknown:
             raise ValueError(f"unknown layer in block weights: {sorted(unknown)[0]}")
-        self.set_alphas(alphas)
+        if values is not None:
+            if values.adapter is not adapter:
+                raise ValueError("the shared aesthetic values belong to another adapter")
+            self._values = values
+        else:
+            self.set_alphas(alphas)
         _MIXERS.add(self)
 
     @property
@@ -142,14 +232,16 @@ class ValueMixer:
     # -- aesthetic condition ----------------------------------------------------------------
     def set_alphas(self, alphas: Optional[Mapping[str, float]] = None) -> None:
         """Set the per-dimension α (missing = 1) and recompute f_a once, without gradients."""
-        with torch.no_grad():
-            f_a = self.adapter.aesthetic_context(self.adapter.aesthetic_input(alphas))
-        self.set_aesthetic_context(f_a)
+        self._values = AestheticValues.for_alphas(self.adapter, alphas)
 
     def set_aesthetic_context(self, f_a: torch.Tensor) -> None:
         """Use ``f_a`` [77, d] (shared by all rows) or [rows, 77, d] (per row, e.g. in training)."""
-        self._aesthetic = f_a
-        self._cache.clear()
+        self._values = AestheticValues(self.adapter, f_a)
+
+    @property
+    def values(self) -> Optional[AestheticValues]:
+        """The V_a this mixer adds (to share with the next generation's mixer)."""
+        return self._values
 
     # -- lifecycle --------------------------------------------------------------------------
     @property
@@ -181,7 +273,6 @@ class ValueMixer:
             hook = self._make_hook(info.name)
             self._handles.append(info.module.to_v.register_forward_hook(hook))
         self._unet_ref = weakref.ref(unet)
-        self._cache.clear()
         self.armed = armed
         return self
 
@@ -191,7 +282,6 @@ class ValueMixer:
         self._handles = []
         self._unet_ref = None
         self.armed = False
-        self._cache.clear()
 
     def arm(self) -> None:
         self.armed = True
@@ -216,50 +306,25 @@ class ValueMixer:
             self._warned.add(key)
             log.warning("VMix: %s", message)
 
-    def _values(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
-        return self._values_for(name, out.shape[-2], out.device, out.dtype)
-
     def _values_for(self, name: str, count: int, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """V_a for ``name`` on ``device``/``dtype``, tiled to ``count`` tokens; cached.
-
-        W_a·f_a runs once per layer and device (in float32) until the aesthetic input changes;
-        a new dtype or chunk count only re-casts or re-tiles that result.
-        """
+        """V_a for ``name`` on ``device``/``dtype``, tiled to ``count`` tokens (AestheticValues caches it)."""
         tokens = self.adapter.tokens
         chunks, rest = divmod(count, tokens)
         if rest or not chunks:
             self._warn_once(f"tokens{count}", f"context of {count} tokens is not a multiple of {tokens}; left unchanged")
             return None
-        grad = torch.is_grad_enabled()
-        if grad and (self._aesthetic.requires_grad or self.adapter.value(name).weight.requires_grad):
-            # Training: a fresh graph per forward, so gradient checkpointing's recomputation
-            # records the same tensors as the first pass (a cached V_a would not be re-saved).
-            values = self.adapter.aesthetic_values(name, self._aesthetic, device=device)
-            values = torch.cat([values] * chunks, dim=-2) if chunks > 1 else values
-            return values.to(dtype)
-        key = (name, device, dtype, chunks, grad)
-        values = self._cache.get(key)
-        if values is None:
-            base_key = (name, device, grad)
-            base = self._cache.get(base_key)
-            if base is None:
-                base = self.adapter.aesthetic_values(name, self._aesthetic, device=device)
-                self._cache[base_key] = base
-            values = torch.cat([base] * chunks, dim=-2) if chunks > 1 else base
-            values = values.to(dtype)
-            self._cache[key] = values
-        return values
+        return self._values.get(name, chunks, device, dtype)
 
     def precompute(self, device=None, dtype: torch.dtype = torch.float32, tokens: Optional[int] = None) -> None:
         """Compute V_a of every layer now (e.g. when a generation starts) rather than in its first step.
 
         ``device``/``dtype`` are those of the UNet's to_v outputs; ``tokens`` the context length (77·k).
-        Call it after ``install`` (which starts a fresh cache) and after ``set_alphas``.
+        Values already computed (by this mixer or one it shares AestheticValues with) are reused.
         """
         device = torch.device(device) if device is not None else self.adapter.aes_emb.device
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
-        if self._aesthetic is None:
+        if self._values is None:
             return
         with torch.no_grad():  # for sampling, which runs without gradients
             for name in self.adapter.layer_names:
@@ -273,23 +338,24 @@ class ValueMixer:
         if len(factors) != rows:
             self._warn_once(f"rows{len(factors)}/{rows}", f"{len(factors)} row strengths for {rows} rows; using 1 for all rows")
             return None
-        key = ("rows", factors, out.device, out.dtype)
-        entry = self._cache.get(key)
+        key = (factors, out.device, out.dtype)
+        entry = self._rows_cache.get(key)
         if entry is None:
             # Decided here, on the host: testing the tensor would sync the GPU in every layer.
             entry = (torch.tensor(factors, dtype=out.dtype).to(out.device).view(rows, 1, 1), any(factors))
-            self._cache[key] = entry
+            self._rows_cache[key] = entry
         return entry
 
     def _apply(self, name: str, out: torch.Tensor) -> Optional[torch.Tensor]:
         strength = self.strength * self.layer_strengths.get(name, 1.0) if self.layer_strengths else self.strength
-        if strength == 0.0 or self._aesthetic is None or out.dim() != 3:
+        values = self._values
+        if strength == 0.0 or values is None or out.dim() != 3:
             return None
         rows = out.shape[0]
-        if self._aesthetic.dim() == 3 and self._aesthetic.shape[0] != rows:
-            self._warn_once(f"batch{rows}", f"per-row aesthetic input for {self._aesthetic.shape[0]} rows, got {rows}; left unchanged")
+        if values.per_row and values.rows != rows:
+            self._warn_once(f"batch{rows}", f"per-row aesthetic input for {values.rows} rows, got {rows}; left unchanged")
             return None
-        values = self._values(name, out)
+        values = self._values_for(name, out.shape[-2], out.device, out.dtype)
         if values is None:
             return None
         factors = self._row_factors(rows, out)

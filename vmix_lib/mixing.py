@@ -13,6 +13,10 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+# The classes themselves, not the torch.nn attributes: Forge swaps torch.nn.Linear/LayerNorm for its
+# own operations while it loads a model, and an adapter may be built at that moment (UI thread).
+from torch.nn.modules.linear import Linear
+from torch.nn.modules.normalization import LayerNorm
 
 from .dimensions import DEFAULT_DIMENSIONS, AestheticDimension, resolve_alphas
 from .layers import TOKENS, LayerInfo, find_cross_attention_layers
@@ -38,9 +42,9 @@ class AestheticProjection(nn.Module):
 
     def __init__(self, n_dims: int, context_dim: int, tokens: int = TOKENS):
         super().__init__()
-        self.token = nn.Linear(n_dims, tokens)
-        self.norm = nn.LayerNorm(context_dim)
-        self.out = nn.Linear(context_dim, context_dim)
+        self.token = Linear(n_dims, tokens)
+        self.norm = LayerNorm(context_dim)
+        self.out = Linear(context_dim, context_dim)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -76,7 +80,7 @@ class VMixAdapter(nn.Module):
         self.register_buffer("aes_emb", torch.zeros(2 * n, self.context_dim))
         self.projection = AestheticProjection(n, self.context_dim, self.tokens)
         self.values = nn.ModuleDict(
-            {_module_key(name): nn.Linear(self.context_dim, int(inner), bias=False) for name, inner in layers.items()}
+            {_module_key(name): Linear(self.context_dim, int(inner), bias=False) for name, inner in layers.items()}
         )
 
     # -- construction -----------------------------------------------------------------------
@@ -112,7 +116,7 @@ class VMixAdapter(nn.Module):
     def dimension_names(self) -> List[str]:
         return [d.name for d in self.dimensions]
 
-    def value(self, layer_name: str) -> nn.Linear:
+    def value(self, layer_name: str) -> Linear:
         return self.values[_module_key(layer_name)]
 
     def layer_shapes(self) -> Dict[str, Tuple[int, int]]:

@@ -21,7 +21,7 @@ def default_library() -> AdapterLibrary:
     if _library[0] is None:
         from . import host
 
-        _library[0] = AdapterLibrary(host.adapter_folder, hasher=host.sha256)
+        _library[0] = AdapterLibrary(host.adapter_folder, hasher=host.sha256, shown=host.shown_folder)
     return _library[0]
 
 

@@ -26,8 +26,15 @@ def on_cfg_denoiser(params) -> None:
     runner().on_cfg_denoiser(params)
 
 
+def unload_report(removed: int, left: int) -> str:
+    """The console line "Reload UI" leaves (browser checks read it to see that nothing stays hooked)."""
+    state = "nothing of VMix is left on the loaded model" if not left else f"{left} VMix hook(s) are still there"
+    return f"[VMix] Reload UI: removed {removed} VMix hook(s); {state}."
+
+
 def on_script_unloaded() -> None:
-    runner().shutdown()
+    removed, left = runner().shutdown()
+    print(unload_report(removed, left), file=sys.stderr, flush=True)
 
 
 def on_ui_settings() -> None:

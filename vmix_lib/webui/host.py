@@ -11,6 +11,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from ..layers import FamilyReport, detect_family, find_cross_attention_layers
+from . import library
 from .lifecycle import VMixError
 from .runner import ON_MISMATCH_SKIP, ON_MISMATCH_STOP, RunnerOptions
 
@@ -86,15 +87,19 @@ def default_folder() -> Optional[str]:
     return os.path.join(models_path, FOLDER_NAME)
 
 
-def adapter_folder() -> Optional[str]:
-    """--vmix-dir, else Settings > VMix > folder, else models/VMix (created when missing); None
-    outside a WebUI."""
+def _vmix_dir_option() -> Optional[str]:
     try:
         from modules import shared
 
-        cmd = getattr(shared.cmd_opts, "vmix_dir", None)
+        return getattr(shared.cmd_opts, "vmix_dir", None)
     except Exception:
-        cmd = None
+        return None
+
+
+def adapter_folder() -> Optional[str]:
+    """--vmix-dir, else Settings > VMix > folder, else models/VMix (created when missing); None
+    outside a WebUI."""
+    cmd = _vmix_dir_option()
     if cmd:
         return os.path.abspath(os.path.expanduser(cmd))
     configured = str(opt(OPT_FOLDER, "") or "").strip()
@@ -107,6 +112,24 @@ def adapter_folder() -> Optional[str]:
         except OSError:
             pass
     return folder
+
+
+def shown_folder(path: str) -> str:
+    """The adapter folder as users and HTTP API clients see it: relative to the WebUI's data or
+    program folder ("models/VMix"), else named by the option that set it; never the absolute path."""
+    try:
+        from modules import paths_internal
+
+        roots = [paths_internal.data_path, paths_internal.script_path]
+    except Exception:
+        roots = []
+    if _vmix_dir_option():
+        outside = "the folder given by --vmix-dir"
+    elif str(opt(OPT_FOLDER, "") or "").strip():
+        outside = "the folder set in Settings > VMix"
+    else:
+        outside = f"the {FOLDER_NAME} folder of the models folder (--models-dir)"
+    return library.shown_folder(path, roots, outside)
 
 
 def sha256(path: str, title: str) -> Optional[str]:

@@ -4,8 +4,13 @@ Adapters are addressed by name only: the file name without ``.safetensors``, dir
 model folder.  Names with path separators, '..', absolute paths or unknown names are refused with
 one sentence before any file is touched, so no request can read a file outside the folder.
 
-Loaded adapters stay on the CPU (the mixer computes V_a on the UNet's device once per generation)
-and are cached by path + modification time + size, so a generation does not re-read a 300 MB file.
+Loaded adapters stay on the CPU (the mixer computes V_a on the UNet's device) and are cached by
+path + modification time + size, so a generation does not re-read a 300 MB file; so is the verdict of
+the full check (every tensor read, finite), so a damaged file is named as soon as it is selected.
+
+Messages name the folder as users see it (``shown_folder``: relative to the WebUI folder, e.g.
+"models/VMix"), never the server's absolute path, because they reach HTTP API clients; the
+exceptions carry the same sentence with the full path for the server's console (``console``).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..adapter_file import EXTENSION, PICKLE_EXTENSIONS, AdapterError, AdapterInfo, load_adapter, read_adapter_info
 from ..mixing import VMixAdapter
@@ -28,6 +33,39 @@ _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 
 Stamp = Tuple[int, int]
 Hasher = Callable[[str, str], Optional[str]]  # (path, title) -> full sha256 hex or None
+
+
+class AdapterNameError(ValueError):
+    """An adapter name that cannot be used.  str(): the sentence for users and API clients;
+    ``console``: the same sentence with the folder's full path."""
+
+    def __init__(self, message: str, console: Optional[str] = None):
+        super().__init__(message)
+        self.console = console or message
+
+
+def console_text(error: BaseException) -> str:
+    """The console form of an error's sentence (the full folder path where it names one)."""
+    return getattr(error, "console", None) or str(error)
+
+
+def shown_folder(path: str, roots: Sequence[str] = (), outside: str = "the adapter folder") -> str:
+    """``path`` relative to the first of ``roots`` (the WebUI's folders) that holds it, with '/'
+    ("models/VMix"); ``outside`` for a folder elsewhere, so no absolute path is shown."""
+    path = os.path.normpath(os.path.abspath(path))
+    for root in roots:
+        if not root:
+            continue
+        root = os.path.normpath(os.path.abspath(root))
+        try:
+            relative = os.path.relpath(path, root)
+        except ValueError:  # another drive (Windows)
+            continue
+        if relative == os.curdir:
+            return "the WebUI folder"
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return relative.replace(os.sep, "/")
+    return outside
 
 
 def _stamp(path: str) -> Stamp:
@@ -44,18 +82,21 @@ def sha256_file(path: str) -> str:
 
 
 class AdapterLibrary:
-    """One model folder.  ``folder`` is called each time, so a changed setting takes effect at once."""
+    """One model folder.  ``folder`` is called each time, so a changed setting takes effect at once;
+    ``shown`` turns it into the text users see (default: the full path, for use outside a WebUI)."""
 
     def __init__(self, folder: Callable[[], str], hasher: Optional[Hasher] = None, cache_size: int = 2,
-                 loader: Callable[..., VMixAdapter] = load_adapter):
+                 loader: Callable[..., VMixAdapter] = load_adapter, shown: Optional[Callable[[str], str]] = None):
         self._folder = folder
         self._hasher = hasher
         self._loader = loader
+        self._shown = shown
         self._cache_size = max(1, int(cache_size))
         self._lock = threading.RLock()
         self._infos: Dict[str, Tuple[Stamp, object]] = {}
         self._adapters: "OrderedDict[str, Tuple[Stamp, VMixAdapter]]" = OrderedDict()
         self._hashes: Dict[str, Tuple[Stamp, Optional[str]]] = {}
+        self._checks: Dict[str, Tuple[Stamp, Optional[AdapterError]]] = {}
         self.loads = 0  # files actually read by load() (for tests and diagnostics)
 
     # -- folder -----------------------------------------------------------------------------
@@ -85,24 +126,39 @@ class AdapterLibrary:
             names.append(entry.name[: -len(EXTENSION)])
         return sorted(names, key=lambda n: (n.lower(), n))
 
+    def shown_folder(self) -> Optional[str]:
+        """The folder as users and API clients see it (see the module docstring)."""
+        folder = self.folder()
+        if folder is None or self._shown is None:
+            return folder
+        try:
+            return self._shown(folder)
+        except Exception:  # never show a path because the helper failed
+            return "the adapter folder"
+
     def default_name(self) -> Optional[str]:
-        """The adapter a new panel and a dict without "adapter" use: the first installed one whose
-        metadata reads, so a stray LoRA or a broken download that sorts first is not picked (it would
-        hide the α sliders behind a warning); the first name when none reads (its problem is then shown)."""
+        """The adapter a new panel and a dict without "adapter" use: the first installed one that
+        loads completely, so a stray LoRA, a broken download or a file holding NaN that sorts first is
+        not picked (it would hide the α sliders behind a warning, or be skipped after the job); the
+        first name when none loads (its problem is then shown)."""
         names = self.names()
         for name in names:
             try:
-                self.info(name)
-                return name
-            except (AdapterError, OSError, ValueError):
+                if self.check(name) is None:
+                    return name
+            except Exception:  # never let one odd file break the panel (it is built at startup)
                 continue
         return names[0] if names else None
 
-    def no_adapter_message(self) -> str:
-        folder = self.folder()
+    def no_adapter_message(self, console: bool = False) -> str:
+        folder = self.folder() if console else self.shown_folder()
         if folder is None:
             return f"no VMix adapter folder is available (the WebUI's models folder was not found; use --vmix-dir). {NO_OFFICIAL_WEIGHTS}"
         return f"no VMix adapter is installed in {folder}; put a VMix adapter (.safetensors) there. {NO_OFFICIAL_WEIGHTS}"
+
+    def _error(self, sentence: Callable[[Optional[str]], str]) -> AdapterNameError:
+        """An AdapterNameError whose sentence names the folder as shown, and in full on the console."""
+        return AdapterNameError(sentence(self.shown_folder()), console=sentence(self.folder()))
 
     # -- names ------------------------------------------------------------------------------
     def validate(self, name) -> str:
@@ -135,9 +191,10 @@ class AdapterLibrary:
         if len(folded) == 1:
             return folded[0]
         if not names:
-            raise ValueError(f"VMix adapter {raw!r} is not installed: {self.no_adapter_message()}")
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        raise ValueError(f"VMix adapter {raw!r} is not installed in {self.folder()}; installed adapters: {shown}.")
+            raise AdapterNameError(f"VMix adapter {raw!r} is not installed: {self.no_adapter_message()}",
+                                   console=f"VMix adapter {raw!r} is not installed: {self.no_adapter_message(console=True)}")
+        listed = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise self._error(lambda folder: f"VMix adapter {raw!r} is not installed in {folder}; installed adapters: {listed}.")
 
     def path_of(self, name: str) -> str:
         name = self.validate(name)
@@ -145,7 +202,7 @@ class AdapterLibrary:
         for entry in os.scandir(folder):  # validate() found the name, so the folder exists
             if entry.name[: -len(EXTENSION)] == name and entry.name.lower().endswith(EXTENSION):
                 return os.path.join(folder, entry.name)
-        raise ValueError(f"VMix adapter {name!r} disappeared from {folder}; press the refresh button.")
+        raise self._error(lambda shown: f"VMix adapter {name!r} disappeared from {shown}; press the refresh button.")
 
     # -- metadata, loading, hashes ----------------------------------------------------------
     def info(self, name: str) -> AdapterInfo:
@@ -175,12 +232,34 @@ class AdapterLibrary:
                 self._adapters.move_to_end(path)
                 return cached[1]
             self._adapters.pop(path, None)
-            adapter = self._loader(path, device="cpu")
+            try:
+                adapter = self._loader(path, device="cpu")
+            except AdapterError as e:
+                self._checks[path] = (stamp, e)
+                raise
             self.loads += 1
+            self._checks[path] = (stamp, None)
             self._adapters[path] = (stamp, adapter)
             while len(self._adapters) > self._cache_size:
                 self._adapters.popitem(last=False)
             return adapter
+
+    def check(self, name: str) -> Optional[AdapterError]:
+        """None when the file loads completely (every tensor read and finite), else the loader's
+        AdapterError.  Cached by path, modification time and size: each file is checked once."""
+        path = self.path_of(name)
+        stamp = _stamp(path)
+        with self._lock:
+            cached = self._checks.get(path)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            try:
+                self.load(name)
+                verdict = None
+            except AdapterError as e:
+                verdict = e
+            self._checks[path] = (stamp, verdict)
+            return verdict
 
     def short_hash(self, name: str) -> Optional[str]:
         """First 10 hex digits of the file's sha256 (cached by path, mtime and size); None if hashing is off."""
@@ -212,6 +291,6 @@ class AdapterLibrary:
     def refresh(self) -> None:
         """Forget cached metadata of files that are gone (loaded adapters are kept by stamp)."""
         with self._lock:
-            for cache in (self._infos, self._hashes, self._adapters):
+            for cache in (self._infos, self._hashes, self._adapters, self._checks):
                 for path in [p for p in cache if not os.path.exists(p)]:
                     cache.pop(path, None)

@@ -35,7 +35,7 @@ from typing import Any, List, Mapping, MutableMapping, Optional, Protocol, Tuple
 import torch
 import torch.nn as nn
 
-from ..hook import AdapterMismatch, ValueMixer, remove_all, remove_vmix_hooks
+from ..hook import AdapterMismatch, ValueMixer, count_vmix_hooks, remove_all, remove_vmix_hooks
 from . import infotext
 
 log = logging.getLogger("vmix")
@@ -138,6 +138,12 @@ def remove_pre_hooks(module: nn.Module) -> int:
         del hooks[key]
         getattr(module, "_forward_pre_hooks_with_kwargs", {}).pop(key, None)
     return len(keys)
+
+
+def count_all_hooks(root: nn.Module) -> int:
+    """VMix to_v hooks and UNet pre-hooks anywhere under ``root`` (for the "Reload UI" report)."""
+    pre = sum(1 for m in root.modules() for fn in m._forward_pre_hooks.values() if getattr(fn, PRE_HOOK_MARK, False))
+    return count_vmix_hooks(root) + pre
 
 
 def in_range(fraction: float, start: float, end: float) -> bool:
@@ -272,12 +278,18 @@ class LifecycleController:
                 self._warn_once("cleanup", f"could not inspect a model for leftover hooks: {e}")
         self._strip_inplace()
 
-    def shutdown(self) -> None:
-        """Script unload ("Reload UI"): nothing of VMix may stay on any model."""
+    def shutdown(self) -> Tuple[int, int]:
+        """Script unload ("Reload UI"): nothing of VMix may stay on any model.  Returns (hooks
+        removed, hooks left) on the loaded model and the models VMix ever hooked."""
+        unet = self._safe(self.host.current_unet)
+        modules = list({id(m): m for m in [*self._touched, *([unet] if unet is not None else [])]}.values())
+        before = sum(self._safe(count_all_hooks, m) or 0 for m in modules)
         self.end()
-        self.cleanup(self._safe(self.host.current_unet))
+        self.cleanup(unet)
         if _ACTIVE[0] is not None and _ACTIVE[0]() is self:
             _ACTIVE[0] = None
+        after = sum(self._safe(count_all_hooks, m) or 0 for m in modules)
+        return before - after, after
 
     # -- installing -------------------------------------------------------------------------
     def ensure_installed(self, p) -> None:

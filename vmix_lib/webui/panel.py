@@ -1,18 +1,52 @@
-"""What the VMix accordion shows: the info line and the per-dimension slider labels (no gradio here).
+"""What the VMix accordion shows: the info line, the α slider labels and the hover hints (no gradio here).
 
 The accordion always has MAX_DIMENSION_SLOTS α sliders, so the positional API arguments never move;
-the selected adapter decides how many are visible and what they are called.
+the selected adapter decides how many are visible and what they are called.  Slider labels are short
+(``α color``); the dimension's label phrase and what α means are in the slider's hover hint.
+
+Hover hints: the WebUI shows a control's ``title`` on hover (its javascript/hints.js sets them from a
+table keyed by the control's text).  VMix's hints depend on the selected adapter, so they travel with
+the info line: a hidden element whose ``data-vmix-hints`` attribute holds {element id suffix: text},
+and javascript/vmix.js sets those titles on the VMix elements of the same tab (ids
+``script_<tab>_vmix_<suffix>``) and on nothing else.
 """
 from __future__ import annotations
 
 import html
+import json
 from typing import Dict, List, Optional, Sequence
 
 from ..adapter_file import AdapterError, AdapterInfo
 from ..dimensions import AestheticDimension
-from ..layers import FamilyReport
+from ..layers import FAMILY_TITLES, LAYOUTS, FamilyReport
 from .arguments import MAX_DIMENSION_SLOTS
 from .library import NO_OFFICIAL_WEIGHTS, AdapterLibrary
+
+HINTS_ATTRIBUTE = "data-vmix-hints"
+
+# The adapter box accepts typed values (so pasted infotexts with unknown names can show), and gradio
+# 3.41 (A1111) sends a change on every keystroke there while gradio 4.40 (Forge) sends one when the
+# box is left or Enter pressed.  So the panel acts on a change only when the box does not have the
+# focus (a choice from the list, a paste, "Read generation parameters", a restored ui-config), and
+# on leaving the box with the text it shows then; while the user types, the change carries TYPING,
+# which is never an adapter name (names have no '/'), and is ignored.
+TYPING = "vmix/typing"
+
+
+def _box_js(elem_id: str) -> str:
+    return f"gradioApp().getElementById({json.dumps(elem_id)})?.querySelector('input')"
+
+
+def settled_js(elem_id: str) -> str:
+    """Event preprocessor for the adapter dropdown's change: the value, or TYPING while it has the focus."""
+    return (f"(name) => {{ const box = {_box_js(elem_id)}; "
+            f"return [box && box.getRootNode().activeElement === box ? {json.dumps(TYPING)} : name]; }}")
+
+
+def left_js(elem_id: str) -> str:
+    """Event preprocessor for the dropdown's blur: the text the box shows once gradio has settled it."""
+    return (f"async (name) => {{ await new Promise((done) => setTimeout(done, 0)); const box = {_box_js(elem_id)}; "
+            "return [box ? box.value : name]; }")
 
 
 def slider_updates(dimensions: Optional[Sequence[AestheticDimension]]) -> List[Dict[str, object]]:
@@ -21,11 +55,63 @@ def slider_updates(dimensions: Optional[Sequence[AestheticDimension]]) -> List[D
     updates = []
     for i in range(MAX_DIMENSION_SLOTS):
         if i < len(dims):
-            d = dims[i]
-            updates.append({"label": f"α {d.name} ({d.positive})", "visible": True})
+            updates.append({"label": f"α {dims[i].name}", "visible": True})
         else:
             updates.append({"label": f"α {i + 1}", "visible": False})
     return updates
+
+
+def alpha_hint(dimension: AestheticDimension) -> str:
+    return (
+        f"α of {dimension.name}: how much of its label “{dimension.positive}” the aesthetic input holds. "
+        f"1 = the label (the paper's default), 0 = its negative “{dimension.negative}” (a rare token: "
+        f"no label), values between mix the two. Acts only while the strength λ is above 0."
+    )
+
+
+def _layer_counts(family: Optional[str]) -> str:
+    if family in LAYOUTS:
+        return f"{len(LAYOUTS[family])} for this {FAMILY_TITLES[family]} adapter"
+    return ", ".join(f"{len(LAYOUTS[f])} for {FAMILY_TITLES[f]}" for f in LAYOUTS)
+
+
+def hints(dimensions: Optional[Sequence[AestheticDimension]] = None, family: Optional[str] = None,
+          train_lambda: Optional[float] = None, folder: Optional[str] = None) -> Dict[str, str]:
+    """Hover hints by element id suffix.  α hints only for a known adapter's dimensions (an unknown
+    name keeps the sliders, and their hints, of the last adapter)."""
+    trained = f"{train_lambda:g}" if train_lambda is not None else "1"
+    where = f" in {folder}" if folder else ""
+    out = {
+        "enabled": "Turn VMix on for this tab: the adapter adds its aesthetic value branch to every "
+                   "cross-attention layer of the UNet. Off, images are exactly those without VMix.",
+        "adapter": f"The VMix adapter (a .safetensors file{where}). Pick one from the list or paste a name; "
+                   "the panel follows once the name is chosen, pasted or the box is left. "
+                   f"{NO_OFFICIAL_WEIGHTS}",
+        "refresh": "Read the adapter folder again, e.g. after copying a new adapter into it.",
+        "strength": "Strength λ: how strongly the adapter's aesthetic values are added in every cross-attention "
+                    f"layer (softmax(QKᵀ/√d)·(V + λ·V_a)). 0 = the base model, bit for bit; {trained} = the strength "
+                    "it was trained at; the paper shows 0 to 2.",
+        "start": "Start: the fraction of sampling where VMix begins (0 = from the first step). In Forge it is "
+                 "read on the model's noise schedule, as Forge's ControlNet does.",
+        "end": "End: the fraction of sampling where VMix stops (1 = until the last step); above Start.",
+        "uncond": "On: the same λ on the unconditional pass (the negative prompt, which CFG pushes away from). "
+                  "Off: only the prompt pass gets VMix. The paper does not say; the default is in Settings > VMix.",
+        "block_weights": "Scales λ per cross-attention layer; empty = 1 everywhere. Comma-separated key:weight "
+                         "entries, weights 0 to 2, later entries win. Keys: ALL; IN, MID, OUT; one block (IN4, "
+                         "OUT3); layer numbers (5, 0-5); or a bare list of one weight per layer "
+                         f"({_layer_counts(family)}). Example: IN:1, MID:0.5, OUT:1 or ALL:0, OUT:1",
+    }
+    for i, d in enumerate(list(dimensions or [])[:MAX_DIMENSION_SLOTS]):
+        out[f"alpha_{i + 1}"] = alpha_hint(d)
+    return out
+
+
+def _hints_carrier(hint_map: Dict[str, str], selected: Optional[str]) -> str:
+    """The hidden element javascript/vmix.js reads; it also names the adapter the line describes
+    (so the line changes with the name even where two adapters read the same)."""
+    data = html.escape(json.dumps(hint_map, ensure_ascii=False), quote=True)
+    name = html.escape(selected or "", quote=True)
+    return f"<span class='vmix-hints' hidden data-vmix-adapter=\"{name}\" {HINTS_ATTRIBUTE}=\"{data}\"></span>"
 
 
 def fit_text(info: AdapterInfo, model: Optional[FamilyReport]) -> str:
@@ -37,24 +123,44 @@ def fit_text(info: AdapterInfo, model: Optional[FamilyReport]) -> str:
 
 
 def info_html(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport]) -> str:
-    """One line: where adapters go when there are none, else family, dimensions and fit of ``selected``."""
+    """One line: where adapters go when there are none, else family, dimensions and fit of ``selected``;
+    "damaged: ..." as soon as a selected file fails the full check.  Followed by the hints carrier."""
+    folder = library.shown_folder()
+    line, hint_map = _line(library, selected, model, folder)
+    return line + _hints_carrier(hint_map, selected)
+
+
+def _line(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport], folder: Optional[str]):
     esc = html.escape
-    folder = library.folder()
+    plain = hints(folder=folder)
     names = library.names()
     if folder is None:
-        return f"<span class='vmix-info vmix-empty'>{esc(library.no_adapter_message())}</span>"
+        return f"<span class='vmix-info vmix-empty'>{esc(library.no_adapter_message())}</span>", plain
     if not names:
         return (
             f"<span class='vmix-info vmix-empty'>No VMix adapter found in <code>{esc(folder)}</code>. "
             f"Put a VMix adapter (.safetensors) there and press 🔄. {esc(NO_OFFICIAL_WEIGHTS)}</span>"
-        )
+        ), plain
     if not selected:
-        return f"<span class='vmix-info'>Pick an adapter ({len(names)} in <code>{esc(folder)}</code>).</span>"
+        return f"<span class='vmix-info'>Pick an adapter ({len(names)} in <code>{esc(folder)}</code>).</span>", plain
     try:
         name = library.validate(selected)
         info = library.info(name)
     except (ValueError, AdapterError, OSError) as e:
-        return f"<span class='vmix-info vmix-warning'>⚠ {esc(str(e))}</span>"
+        return f"<span class='vmix-info vmix-warning'>⚠ {esc(str(e))}</span>", plain
+    hint_map = hints(info.dimensions, info.family, info.train_lambda, folder)
+    try:
+        damage = library.check(name)
+    except (ValueError, OSError) as e:  # the file vanished or became unreadable since info()
+        return f"<span class='vmix-info vmix-warning'>⚠ {esc(str(e))}</span>", hint_map
+    except Exception as e:  # a bug or an odd environment: say so, never break the panel
+        return (f"<span class='vmix-info vmix-warning'>⚠ VMix could not check {esc(name)}: "
+                f"{esc(type(e).__name__)}: {esc(str(e))}</span>"), hint_map
+    if damage is not None:
+        return (
+            f"<span class='vmix-info vmix-warning vmix-damaged'>⚠ damaged: {esc(str(damage))} "
+            "Copy it again or export it again with the trainer.</span>"
+        ), hint_map
     dims = [d.name for d in info.dimensions]
     shown = ", ".join(dims[:MAX_DIMENSION_SLOTS])
     if len(dims) > MAX_DIMENSION_SLOTS:
@@ -64,7 +170,7 @@ def info_html(library: AdapterLibrary, selected: Optional[str], model: Optional[
     return (
         f"<span class='{css}'>{esc(info.family_title)} adapter · {len(dims)} dimensions: {esc(shown)} · "
         f"trained at λ {info.train_lambda:g} · {esc(fit)}</span>"
-    )
+    ), hint_map
 
 
 def dimensions_of(library: AdapterLibrary, selected: Optional[str]) -> Optional[List[AestheticDimension]]:
@@ -74,6 +180,13 @@ def dimensions_of(library: AdapterLibrary, selected: Optional[str]) -> Optional[
         return list(library.info(library.validate(selected)).dimensions)
     except (ValueError, AdapterError, OSError):
         return None
+
+
+def describe(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport]):
+    """(info line, α slider updates or None) for ``selected``.  None: the name is unknown or unusable,
+    so the sliders keep showing the last adapter's dimensions until a valid one is chosen."""
+    dims = dimensions_of(library, selected)
+    return info_html(library, selected, model), (slider_updates(dims) if dims is not None else None)
 
 
 def describe_on_components(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport],

@@ -14,17 +14,17 @@ carry on): problems end as one of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 from .. import __version__
 from ..adapter_file import AdapterError
 from ..dimensions import resolve_alphas
-from ..hook import ValueMixer, check_fit
+from ..hook import AestheticValues, ValueMixer, check_fit
 from ..layers import FAMILY_TITLES, find_cross_attention_layers
 from . import infotext
 from .arguments import ArgumentDefaults, VMixArgumentError, VMixSettings, apply_overrides, parse_script_args
 from .blocks import parse_block_weights
-from .library import AdapterLibrary
+from .library import AdapterLibrary, console_text
 from .lifecycle import Generation, Host, LifecycleController
 
 ON_MISMATCH_SKIP = "skip"
@@ -42,7 +42,20 @@ class RunnerOptions:
 
 
 class CannotApply(Exception):
-    """The adapter cannot be applied to this job (missing, malformed, wrong model family)."""
+    """The adapter cannot be applied to this job (missing, malformed, wrong model family).
+    ``console``: the sentence with the folder's full path, for the server's console."""
+
+    def __init__(self, message: str, console: Optional[str] = None):
+        super().__init__(message)
+        self.console = console or message
+
+
+class InvalidArgument(VMixArgumentError):
+    """A VMixArgumentError whose console form names the folder's full path."""
+
+    def __init__(self, message: str, console: Optional[str] = None):
+        super().__init__(message)
+        self.console = console or message
 
 
 @dataclass
@@ -62,6 +75,9 @@ class VMixRunner:
         self.options = options
         self.version = version
         self.controller = LifecycleController(host)
+        # V_a of the last generation: the next one reuses it while adapter and α are unchanged
+        # (a λ, block-weight or range change needs no new W_a·f_a).
+        self._values: Optional[AestheticValues] = None
 
     # -- script hooks -----------------------------------------------------------------------
     def process(self, p, args: Sequence) -> None:
@@ -82,9 +98,9 @@ class VMixRunner:
         try:
             prepared = self._prepare(p, settings, partial)
         except VMixArgumentError as e:
-            return self._stop(gen, str(e))
+            return self._stop(gen, str(e), console=console_text(e))
         except CannotApply as e:
-            return self._cannot_apply(gen, settings, partial, str(e), options)
+            return self._cannot_apply(gen, settings, partial, str(e), options, console=console_text(e))
         except Exception as e:  # a bug of ours: say so once, run the job without VMix
             return self._cannot_apply(gen, settings, partial, f"unexpected error {type(e).__name__}: {e}",
                                       RunnerOptions(on_mismatch=ON_MISMATCH_SKIP))
@@ -103,8 +119,9 @@ class VMixRunner:
     def on_cfg_denoiser(self, params) -> None:
         self.controller.on_cfg_denoiser(params)
 
-    def shutdown(self) -> None:
-        self.controller.shutdown()
+    def shutdown(self) -> Tuple[int, int]:
+        """(hooks removed, hooks left): see LifecycleController.shutdown."""
+        return self.controller.shutdown()
 
     # -- the decision -----------------------------------------------------------------------
     def _prepare(self, p, settings: VMixSettings, partial: Prepared) -> Prepared:
@@ -112,11 +129,11 @@ class VMixRunner:
         if name is None:
             name = self.library.default_name()
             if name is None:
-                raise CannotApply(self.library.no_adapter_message())
+                raise CannotApply(self.library.no_adapter_message(), self.library.no_adapter_message(console=True))
         try:
             name = self.library.validate(name)
         except ValueError as e:
-            raise VMixArgumentError(str(e)) from None
+            raise InvalidArgument(str(e), console_text(e)) from None
         partial.adapter_name = name
         try:
             adapter = self.library.load(name)
@@ -140,7 +157,10 @@ class VMixRunner:
         report = check_fit(adapter, layers)
         if not report.ok:
             raise CannotApply(report.reason(adapter))
-        mixer = ValueMixer(adapter, settings.strength, alphas, layer_strengths)
+        values = self._values
+        if values is None or not values.matches(adapter, alphas):
+            values = self._values = AestheticValues.for_alphas(adapter, alphas)
+        mixer = ValueMixer(adapter, settings.strength, layer_strengths=layer_strengths, values=values)
         return Prepared(mixer, name, partial.short_hash, alphas, names)
 
     def _hash(self, name: str) -> Optional[str]:
@@ -149,18 +169,20 @@ class VMixRunner:
         except Exception:  # unreadable file, hashing off: the infotext simply has no hash
             return None
 
-    def _stop(self, gen: Generation, message: str, said_stopped: bool = False) -> None:
-        self.host.warn(message if said_stopped else f"{message} The job is stopped.")
+    def _stop(self, gen: Generation, message: str, said_stopped: bool = False, console: Optional[str] = None) -> None:
+        console = console or message
+        self.host.warn(console if said_stopped else f"{console} The job is stopped.")
         self.controller.fail(gen, message)
 
     def _cannot_apply(self, gen: Generation, settings: VMixSettings, partial: Prepared, reason: str,
-                      options: RunnerOptions) -> None:
+                      options: RunnerOptions, console: Optional[str] = None) -> None:
+        console = console or reason
         if options.on_mismatch == ON_MISMATCH_STOP:
             prefix = "" if reason.startswith("VMix") else "VMix: "  # file errors already name VMix
-            return self._stop(gen, f"{prefix}{reason}; the job was stopped because Settings > VMix is set to stop "
-                                   "when VMix cannot be applied. Pick a matching adapter or turn VMix off.",
-                              said_stopped=True)
-        self.host.warn(f"VMix skipped: {reason}.")
+            stopped = ("; the job was stopped because Settings > VMix is set to stop when VMix cannot be applied. "
+                       "Pick a matching adapter or turn VMix off.")
+            return self._stop(gen, f"{prefix}{reason}{stopped}", said_stopped=True, console=f"{prefix}{console}{stopped}")
+        self.host.warn(f"VMix skipped: {console}.")
         gen.params.update(infotext.build(
             settings, adapter_name=partial.adapter_name, short_hash=partial.short_hash, alphas=partial.alphas,
             dimension_names=partial.dimension_names, version=self.version, skipped=reason,

@@ -2,7 +2,10 @@
 
 Only APIs both have: InputAccordion used as a context manager (a class in A1111, a factory
 function in Forge: never subclassed nor used with isinstance), create_refresh_button, gr.update,
-no ``.style()``.  ``build`` has no side effects: the WebUI calls ``ui()`` again for API defaults.
+no ``.style()``, ``_js=`` on events (Forge's gradio shim renames it ``js=``).  ``build`` has no side
+effects: the WebUI calls ``ui()`` again for API defaults.  Every control has an elem_id
+``script_<tab>_vmix_<name>`` (javascript/vmix.js sets the hover hints on those ids only) and the
+α sliders sit in a ``vmix-dimensions`` row that style.css lays out as an even grid.
 """
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
     selected = library.default_name()
     updates = panel.slider_updates(panel.dimensions_of(library, selected))
 
+    adapter_id = script.elem_id("adapter")
     with InputAccordion(False, label="VMix", elem_id=script.elem_id("enabled")) as enabled:
         with gr.Row(elem_classes=["vmix-adapter-row"]):
             adapter = gr.Dropdown(label="Adapter", choices=names, value=selected, allow_custom_value=True,
-                                  elem_id=script.elem_id("adapter"))
+                                  elem_id=adapter_id)
             refresh = create_refresh_button(adapter, library.refresh, lambda: {"choices": library.names()},
                                             script.elem_id("refresh"))
         info = gr.HTML(value=panel.info_html(library, selected, model_report()), elem_id=script.elem_id("info"))
@@ -39,11 +43,12 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
         with gr.Row(elem_classes=["vmix-dimensions"]):
             for i, update in enumerate(updates):
                 alphas.append(gr.Slider(minimum=0.0, maximum=1.0, step=0.05, value=1.0,
-                                        elem_id=script.elem_id(f"alpha_{i + 1}"), **update))
-        with gr.Row():
-            start = gr.Slider(label="Start (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01, value=0.0,
+                                        elem_id=script.elem_id(f"alpha_{i + 1}"), elem_classes=["vmix-alpha"],
+                                        **update))
+        with gr.Row(elem_classes=["vmix-range"]):
+            start = gr.Slider(label="Start", minimum=0.0, maximum=1.0, step=0.01, value=0.0,
                               elem_id=script.elem_id("start"))
-            end = gr.Slider(label="End (fraction of sampling)", minimum=0.0, maximum=1.0, step=0.01, value=1.0,
+            end = gr.Slider(label="End", minimum=0.0, maximum=1.0, step=0.01, value=1.0,
                             elem_id=script.elem_id("end"))
         uncond = gr.Checkbox(label="Apply to the unconditional (negative) pass", value=bool(options.uncond_default),
                              elem_id=script.elem_id("uncond"))
@@ -52,11 +57,18 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
                                    elem_id=script.elem_id("block_weights"))
 
     def on_adapter(name):
-        dims = panel.dimensions_of(library, name)
-        return [panel.info_html(library, name, model_report()),
-                *[gr.update(**u) for u in panel.slider_updates(dims)]]
+        if name == panel.TYPING:
+            return [gr.update() for _ in range(1 + len(alphas))]
+        line, updates = panel.describe(library, name, model_report())
+        if updates is None:  # unknown or unusable: the sliders keep the last adapter's dimensions
+            return [line, *[gr.update() for _ in alphas]]
+        return [line, *[gr.update(**u) for u in updates]]
 
-    adapter.change(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
+    # Not on every keystroke: see panel.TYPING.
+    adapter.change(fn=on_adapter, _js=panel.settled_js(adapter_id), inputs=[adapter], outputs=[info, *alphas],
+                   show_progress=False)
+    adapter.blur(fn=on_adapter, _js=panel.left_js(adapter_id), inputs=[adapter], outputs=[info, *alphas],
+                 show_progress=False)
     refresh.click(fn=on_adapter, inputs=[adapter], outputs=[info, *alphas], show_progress=False)
     # The checkpoint usually loads after the page is built ("fit: unknown"): say whether it fits
     # when the user turns VMix on.

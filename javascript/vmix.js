@@ -1,0 +1,48 @@
+// VMix: hover hints for the VMix accordion in txt2img and img2img (AUTOMATIC1111 with gradio 3.41,
+// Forge with gradio 4.40).  Like the WebUI's own javascript/hints.js this sets the `title` of
+// controls, which the browser shows on hover.  The texts follow the selected adapter, so the server
+// sends them with the info line: a hidden element with a data-vmix-hints attribute holding
+// {element id suffix: text}.  Only the elements whose id is the info line's prefix
+// ("script_txt2img_vmix_") plus such a suffix are touched; no other extension's element is.
+
+(function() {
+    var pending = null;
+
+    function target(element) {
+        // The accordion's hint goes on its header (the visible check box and label), not on its body.
+        if (element.classList.contains("input-accordion")) {
+            return element.querySelector(".label-wrap") || element;
+        }
+        return element;
+    }
+
+    function applyVMixHints() {
+        pending = null;
+        var app = gradioApp();
+        var carriers = app.querySelectorAll("[data-vmix-hints]");
+        for (var i = 0; i < carriers.length; i++) {
+            var block = carriers[i].closest("[id$='_vmix_info']");
+            if (!block) continue;
+            var prefix = block.id.slice(0, -"info".length);
+            var hints;
+            try {
+                hints = JSON.parse(carriers[i].getAttribute("data-vmix-hints"));
+            } catch (e) {
+                continue;
+            }
+            for (var key in hints) {
+                var element = app.querySelector("#" + prefix + key);
+                if (!element) continue;
+                element = target(element);
+                if (element.title !== hints[key]) element.title = hints[key];
+            }
+        }
+    }
+
+    // Gradio re-renders parts of the page (an adapter change relabels the α sliders and replaces the
+    // info line): apply again shortly after the page changes, at most once per 200 ms.
+    onUiUpdate(function() {
+        if (pending === null) pending = setTimeout(applyVMixHints, 200);
+    });
+    onUiLoaded(applyVMixHints);
+})();
