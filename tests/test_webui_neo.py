@@ -284,6 +284,25 @@ def test_per_call_compile_of_later_neo_turns_vmix_off_too(neo):
     runner.postprocess(p2)
 
 
+def test_per_call_compile_with_the_stop_setting_stops_the_job(neo):
+    runner, host, model, unet, options = neo
+    options[0] = RunnerOptions(on_mismatch=ON_MISMATCH_STOP)
+    kmodel = model.forge_objects.unet.model
+    kmodel.apply_model = lambda x, t, **kw: kmodel.diffusion_model(x, t, **kw)
+    p = P(model)
+    runner.process(p, args())
+    NeoPerCallCompileScript().process_batch(p, "guard_filter_fn")
+    runner.before_sampling(p)
+    assert value_hook_count(unet) == 0 and pre_hook_count(unet) == 1
+    x, c, u = data()
+    with pytest.raises(VMixError) as e:  # raised from the plain model's pre-hook, inside the compiled call
+        apply_model_call(model.forge_objects.unet, x, [u, c], [1, 0], 1.0)
+    assert str(e.value).startswith(f"VMix: {compat.COMPILED_REASON}; the job was stopped")
+    assert not compat.is_compiled(kmodel.diffusion_model)  # the wrapper put the plain model back
+    runner.postprocess(p)
+    assert pre_hook_count(unet) == 0
+
+
 def test_a_refiner_switch_to_a_compiled_model_is_not_hooked(neo):
     runner, host, model, unet, _ = neo
     p = neo_job(runner, model, args(), "Disable")
