@@ -74,10 +74,11 @@ def test_flavour_survives_a_failing_version_reader():
     assert compat.detect_flavour(lambda name: True, broken) == compat.FLAVOUR_FORGE
 
 
-def test_startup_notice_only_for_the_ldm_patched_backend():
-    assert compat.startup_notice(compat.FLAVOUR_NEO) is None and compat.startup_notice(compat.FLAVOUR_FORGE) is None
-    notice = compat.startup_notice(compat.FLAVOUR_CLASSIC)
-    assert notice.startswith("this is Forge Classic, which uses the older ldm_patched backend") and "\n" not in notice
+def test_startup_notice_only_where_vmix_was_not_run():
+    for flavour in (compat.FLAVOUR_A1111, compat.FLAVOUR_FORGE, compat.FLAVOUR_NEO, compat.FLAVOUR_CLASSIC):
+        assert compat.startup_notice(flavour) is None
+    notice = compat.startup_notice(compat.FLAVOUR_LDM_PATCHED)
+    assert notice.startswith("this is Forge with the ldm_patched backend (old Forge or reForge);") and "\n" not in notice
 
 
 # ---------------------------------------------------------------- torch.compile

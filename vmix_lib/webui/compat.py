@@ -56,10 +56,10 @@ def detect_flavour(has_module: Callable[[str], bool], forge_version: Callable[[]
 
 
 def startup_notice(flavour: str) -> Optional[str]:
-    """One line for the console at start, or None."""
-    if flavour in (FLAVOUR_CLASSIC, FLAVOUR_LDM_PATCHED):
-        return (f"this is {FLAVOUR_TITLES[flavour]}, which uses the older ldm_patched backend; VMix uses the "
-                "same patch points there, but it is tested on AUTOMATIC1111, Forge and Forge Neo.")
+    """One line for the console at start, or None (hosts VMix was run on say nothing)."""
+    if flavour == FLAVOUR_LDM_PATCHED:
+        return (f"this is {FLAVOUR_TITLES[flavour]}; VMix uses the same patch points there as in Forge Classic, "
+                "but it is tested on AUTOMATIC1111, Forge, Forge Neo and Forge Classic.")
     return None
 
 
