@@ -399,3 +399,46 @@ def test_loaded_model_report_names_a_non_unet_engine(monkeypatch):
     monkeypatch.setattr(webui_host, "loaded_model", lambda: type("QwenImage", (ForgeModel,), {})(TinyDiT()))
     report = webui_host.loaded_model_report()
     assert report.family is None and report.description == compat.non_unet_description("Qwen-Image")
+
+
+# ---------------------------------------------------------------- paste: Neo's gr.skip() loop
+
+
+def neo_paste(paste_fields, params, skip):
+    """modules/infotext_utils.py:571-598 at 3df257ae: None -> gr.skip() (Forge: gr.update()), an
+    update passes through, anything else is cast to the type of the control's current value."""
+    res = []
+    for output, key in paste_fields:
+        v = key(params) if callable(key) else params.get(key)
+        if v is None:
+            res.append(skip)
+        elif isinstance(v, dict) and v.get("__type__") == "update":
+            res.append(v)
+        else:
+            try:
+                valtype = type(output.value)
+                val = False if valtype == bool and v == "False" else float(v) if valtype == int else valtype(v)
+                res.append({"__type__": "update", "value": val})
+            except Exception:
+                res.append(skip)
+    return res
+
+
+def test_paste_through_neos_loop_restores_every_control_with_its_type():
+    from vmix_lib.webui import infotext
+
+    # the controls' values as ui.build makes them (enabled, adapter, λ, 8 α, start, end, uncond, block weights)
+    controls = [SimpleNamespace(value=v) for v in [False, "tiny", 1.0] + [1.0] * 8 + [0.0, 1.0, True, ""]]
+    text_params = {"VMix": "True", "VMix adapter": "tiny (0123456789)", "VMix strength": "1.4",
+                   "VMix dimensions": "lighting=0.5 emotion=0", "VMix range": "0.1-0.9", "VMix uncond": "False",
+                   "VMix block weights": "IN:1, MID:0.5"}
+    skip = object()
+    out = neo_paste(list(zip(controls, infotext.PASTE_FUNCTIONS)), text_params, skip)
+    values = [o["value"] for o in out]
+    assert values[:3] == [True, "tiny", 1.4]
+    assert values[3:9] == [1.0, 0.5, 1.0, 1.0, 1.0, 0.0] and values[9:11] == [1.0, 1.0]  # default dimension order
+    assert values[11:] == [0.1, 0.9, False, "IN:1, MID:0.5"]
+    assert [type(v) for v in values] == [type(c.value) for c in controls]
+    # an infotext without VMix: VMix off, every other control left as it is (gr.skip())
+    off = neo_paste(list(zip(controls, infotext.PASTE_FUNCTIONS)), {"Steps": "20"}, skip)
+    assert off[0] == {"__type__": "update", "value": False} and all(o is skip for o in off[1:])
