@@ -1,4 +1,4 @@
-"""The running WebUI (AUTOMATIC1111 1.6-1.10 or Forge): model lookups, settings, folder, callbacks.
+"""The running WebUI (AUTOMATIC1111 1.6-1.10, Forge, Forge Neo): model lookups, settings, folder, callbacks.
 
 The only module of vmix_lib that imports the WebUI's ``modules`` (inside functions, so importing it
 without a WebUI fails only when something is actually asked of it).
@@ -11,7 +11,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from ..layers import FamilyReport, detect_family, find_cross_attention_layers
-from . import library
+from . import compat, library
 from .lifecycle import VMixError
 from .runner import ON_MISMATCH_SKIP, ON_MISMATCH_STOP, RunnerOptions
 
@@ -38,20 +38,23 @@ def _find_spec(name: str) -> bool:
         return False
 
 
+def _forge_version() -> Optional[str]:
+    """modules_forge/forge_version.py's ``version`` (a one-line module; None when absent)."""
+    try:
+        from modules_forge import forge_version
+    except Exception:
+        return None
+    return getattr(forge_version, "version", None)
+
+
 def webui_kind() -> str:
-    """"forge" (current Forge, new backend), "forge-ldm_patched" (old Forge, reForge, Classic) or "a1111"."""
-    if not _find_spec("modules_forge"):
-        return "a1111"
-    if _find_spec("backend.patcher.unet"):
-        return "forge"
-    return "forge-ldm_patched"
+    """The WebUI flavour (vmix_lib.webui.compat): "a1111", "forge", "forge-neo", "forge-classic" or
+    "forge-ldm_patched" (old Forge, reForge)."""
+    return compat.detect_flavour(_find_spec, _forge_version)
 
 
 def startup_notice() -> Optional[str]:
-    if webui_kind() == "forge-ldm_patched":
-        return ("this Forge variant uses the older ldm_patched backend (old Forge, reForge, Forge Classic). "
-                "VMix uses the same patch points there but is tested on current Forge and on AUTOMATIC1111 1.6-1.10.")
-    return None
+    return compat.startup_notice(webui_kind())
 
 
 # ---------------------------------------------------------------- settings and folder
@@ -161,13 +164,24 @@ def loaded_model():
         return None
 
 
+def engine_title(sd_model) -> Optional[str]:
+    """Forge/Neo: the name of a non-UNet model family (Flux, Qwen-Image, ...) from its engine class."""
+    if sd_model is None or getattr(sd_model, "forge_objects", None) is None:
+        return None
+    return compat.model_title(type(sd_model).__name__)
+
+
 def loaded_model_report() -> Optional[FamilyReport]:
     """What the loaded checkpoint is, for the info line; None when none is loaded."""
-    unet = _diffusion_model(loaded_model())
+    model = loaded_model()
+    unet = _diffusion_model(model)
     if unet is None:
         return None
-    try:
-        return detect_family(find_cross_attention_layers(unet))
+    title = engine_title(model)
+    if title is not None:
+        return FamilyReport(None, compat.non_unet_description(title))
+    try:  # a torch.compile wrapper names its layers "_orig_mod.…": report the model it holds
+        return detect_family(find_cross_attention_layers(compat.uncompiled(unet)))
     except Exception:
         return None
 
@@ -228,6 +242,9 @@ class WebUIHost:
 
     def unet_of(self, p):
         return _diffusion_model(p.sd_model)
+
+    def model_title(self, p) -> Optional[str]:
+        return engine_title(getattr(p, "sd_model", None))
 
     def patcher_of(self, p):
         forge_objects = getattr(p.sd_model, "forge_objects", None)

@@ -30,13 +30,13 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, MutableMapping, Optional, Protocol, Tuple
+from typing import Any, Callable, List, Mapping, MutableMapping, Optional, Protocol, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..hook import AdapterMismatch, ValueMixer, count_vmix_hooks, remove_all, remove_vmix_hooks
-from . import infotext
+from . import compat, infotext
 
 log = logging.getLogger("vmix")
 
@@ -74,6 +74,7 @@ class Host(Protocol):
     def current_patcher(self) -> Optional[Any]: ...
     def warn(self, message: str) -> None: ...
     # optional: def stop_error(self, message: str) -> VMixError  (the exception that stops a job)
+    # optional: def model_title(self, p) -> Optional[str]  (Forge/Neo: "Flux", "Qwen-Image", ... for non-UNets)
 
 
 # ---------------------------------------------------------------- Forge patch (plain function)
@@ -199,6 +200,8 @@ class Generation:
     rejected: List[Any] = field(default_factory=list)  # weakrefs to UNets the adapter does not fit
     pre_hooks: List[Tuple[Any, Any]] = field(default_factory=list)  # (weakref to module, handle)
     notes: List[str] = field(default_factory=list)
+    # the runner's skip-or-stop decision for a model that turns out unusable after process()
+    cannot_apply: Optional[Callable[[str], None]] = None
 
     def owns(self, p) -> bool:
         target = self.p_ref() if isinstance(self.p_ref, weakref.ref) else self.p_ref
@@ -303,6 +306,9 @@ class LifecycleController:
                 return
             patcher = self.host.patcher_of(p)
             gen.forge = patcher is not None
+            if gen.failure is None and gen.mixer is not None and compat.compiled_for_sampling(
+                    unet, getattr(patcher, "model", None)):
+                self._turn_off(gen, compat.COMPILED_REASON)
             if gen.failure is not None:
                 self._add_pre_hook(gen, unet)
                 return
@@ -321,7 +327,22 @@ class LifecycleController:
         except Exception as e:
             self._internal_error(gen, e)
 
-    def _install(self, gen: Generation, unet: nn.Module) -> bool:
+    def _turn_off(self, gen: Generation, reason: str) -> None:
+        """The model p samples with cannot take VMix (compiled after process()): remove this
+        generation's hooks; the runner then skips (infotext) or stops the job, as its settings say."""
+        if gen.mixer is not None:
+            gen.mixer.remove()
+            gen.mixer = None
+        if gen.cannot_apply is not None:
+            gen.cannot_apply(reason)
+        else:
+            self.note(gen, reason)
+
+    def _install(self, gen: Generation, unet: nn.Module, model_wrapper=None) -> bool:
+        if compat.compiled_for_sampling(unet, model_wrapper):
+            gen.rejected.append(_ref(unet))
+            self.note(gen, f"not applied after a model switch in this job: {compat.COMPILED_REASON}")
+            return False
         try:
             gen.mixer.install(unet)
         except AdapterMismatch as e:
@@ -416,9 +437,9 @@ class LifecycleController:
         unet = self.host.current_unet()
         if unet is None or gen.mixer.is_installed_on(unet) or self._rejected(gen, unet):
             return
-        if not self._install(gen, unet):
-            return
         patcher = self.host.current_patcher() if gen.forge else None
+        if not self._install(gen, unet, getattr(patcher, "model", None)):
+            return
         if patcher is not None:
             if not has_forge_patch(patcher):
                 # Mid-sampling there is no script hook to hand a clone back, so patch in place and

@@ -21,7 +21,7 @@ from ..adapter_file import AdapterError
 from ..dimensions import resolve_alphas
 from ..hook import AestheticValues, ValueMixer, check_fit
 from ..layers import FAMILY_TITLES, find_cross_attention_layers
-from . import infotext
+from . import compat, infotext
 from .arguments import ArgumentDefaults, VMixArgumentError, VMixSettings, apply_overrides, parse_script_args
 from .blocks import parse_block_weights
 from .library import AdapterLibrary, console_text
@@ -109,6 +109,10 @@ class VMixRunner:
             dimension_names=prepared.dimension_names, version=self.version,
         ))
         self.controller.activate(gen, prepared.mixer, settings.start, settings.end, settings.uncond)
+        # The model can still change before sampling (Forge Neo compiles it, or undoes that, in
+        # process_batch): the controller then turns VMix off through the same skip/stop decision.
+        gen.cannot_apply = lambda reason: self._cannot_apply(gen, settings, Prepared(
+            None, prepared.adapter_name, prepared.short_hash, prepared.alphas, prepared.dimension_names), reason, options)
 
     def before_sampling(self, p) -> None:
         self.controller.ensure_installed(p)
@@ -153,7 +157,14 @@ class VMixRunner:
         except ValueError as e:
             raise VMixArgumentError(str(e)) from None
         unet = self.host.unet_of(p)
-        layers = find_cross_attention_layers(unet) if unet is not None else []
+        # A torch.compile wrapper is judged by the model it holds; whether it is still compiled when
+        # sampling starts (Forge Neo switches in process_batch) is the controller's last check.
+        base = compat.uncompiled(unet)
+        layers = find_cross_attention_layers(base) if base is not None else []
+        model_title = self._model_title(p) if not layers else None
+        if model_title is not None:
+            raise CannotApply(f"this {title} adapter does not fit the loaded model, which is "
+                              f"{compat.non_unet_description(model_title)}")
         report = check_fit(adapter, layers)
         if not report.ok:
             raise CannotApply(report.reason(adapter))
@@ -162,6 +173,14 @@ class VMixRunner:
             values = self._values = AestheticValues.for_alphas(adapter, alphas)
         mixer = ValueMixer(adapter, settings.strength, layer_strengths=layer_strengths, values=values)
         return Prepared(mixer, name, partial.short_hash, alphas, names)
+
+    def _model_title(self, p) -> Optional[str]:
+        """The host's name for a model that is not an SD1.5/SDXL UNet (Forge/Neo: Flux, Wan, ...)."""
+        lookup = getattr(self.host, "model_title", None)
+        try:
+            return lookup(p) if lookup is not None else None
+        except Exception:
+            return None
 
     def _hash(self, name: str) -> Optional[str]:
         try:
