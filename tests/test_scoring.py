@@ -252,3 +252,15 @@ def test_damaged_cache_shard_is_named(tmp_path, clip):
     open(shard, "wb").write(b"garbage")
     with pytest.raises(ScoringError, match="delete it"):
         FeatureCache(str(tmp_path), clip.identity)
+
+
+def test_device_option():
+    from vmix_lib.scoring.device import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ScoringError, match="not a torch device name"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ScoringError, match="no CUDA GPU"):
+            resolve_device("cuda")

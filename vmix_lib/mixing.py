@@ -8,7 +8,7 @@ the per-layer aesthetic value projections.  Everything else in the project calls
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from torch.nn.modules.linear import Linear
 from torch.nn.modules.normalization import LayerNorm
 
 from .dimensions import DEFAULT_DIMENSIONS, AestheticDimension, resolve_alphas
-from .layers import TOKENS, LayerInfo, find_cross_attention_layers
+from .layers import TOKENS, find_cross_attention_layers
 
 EncodePooled = Callable[[List[str]], torch.Tensor]
 

@@ -210,15 +210,12 @@ def read_manifest(out_dir: str) -> Dict[str, Dict[str, Any]]:
 
 # -- scoring -----------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from ..scoring import ScoringError, device
+
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvaluationError(f"--device {name!r} is not a torch device name (auto, cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {name} was asked for, but this PyTorch sees no CUDA GPU")
-    return device
+        return device.resolve_device(name)
+    except ScoringError as e:
+        raise EvaluationError(str(e)) from None
 
 
 def _probes_for(opts: Options):

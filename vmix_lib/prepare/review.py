@@ -281,7 +281,7 @@ def write_dimension_page(path: str, review: DimensionReview, dimensions: Sequenc
         + f"<ul>{phrasings}</ul>{hist}"
         + "<h2>Flip labels</h2><p>Click a thumbnail to flip its label (click again to undo); the rows below are "
         + f"appended to <code>{_esc(overrides_path)}</code> and applied when the same command runs again "
-        + f"(later rows win). Flipped: <b id=count>0</b>.</p>"
+        + "(later rows win). Flipped: <b id=count>0</b>.</p>"
         + '<textarea id=rows readonly></textarea><p><button id=copy>Copy rows</button> <button id=save>Save as CSV</button></p>'
         + f'<div class="cols">{"".join(columns)}</div>'
     )

@@ -18,6 +18,7 @@ import torch
 
 from ..scoring.aesthetic import load_aesthetic_predictor
 from ..scoring.clip import _short, load_clip
+from ..scoring.device import resolve_device
 from ..scoring.features import FeatureCache, embed_image_files
 from ..scoring.images import read_image
 from ..scoring.probes import antonym_probability, encode_probes
@@ -59,18 +60,6 @@ class PrepareResult:
     notes: List[str] = field(default_factory=list)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise PrepareError(f"--device {name!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PrepareError(f"--device {name}: this torch has no CUDA device; use --device cpu")
-    return device
-
-
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
 
@@ -103,7 +92,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     folder.check()
     # Everything a user named is loaded and checked before any long work starts.
     overrides = read_overrides(s.overrides_path, s.dimension_names)
-    device = _resolve_device(s.device)
+    device = resolve_device(s.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if clip is None:
         check_path_like("CLIP model", s.clip)
