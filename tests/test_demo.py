@@ -13,8 +13,8 @@ import os
 import pytest
 import torch
 
-from vmix_lib import demo
-from vmix_lib import demo_data as data
+from vmix_lib.demo import experiment as demo
+from vmix_lib.demo import data
 
 # Thresholds for demo.TEST, with the values measured at seeds 0, 1 and 2 (seed 0 is the one run
 # here): saturation rose 0.076/0.105, 0.104/0.124 and 0.137/0.109 per λ step with color on; the

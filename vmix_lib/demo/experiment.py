@@ -1,6 +1,6 @@
 """VMix end to end on a CPU in minutes, with nothing downloaded: ``python -m vmix_lib.demo``.
 
-1. Draws a synthetic dataset (vmix_lib/demo_data.py): one coloured shape per image, captioned
+1. Draws a synthetic dataset (vmix_lib/demo/data.py): one coloured shape per image, captioned
    with its hue, shape and position; saturation ("color") and brightness ("lighting") play the
    aesthetic dimensions.
 2. Trains a small text-to-image diffusion model from scratch in pixel space: a diffusers
@@ -35,11 +35,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import demo_data as data
-from .dimensions import DEFAULT_DIMENSIONS
-from .hook import ValueMixer
-from .mixing import VMixAdapter, build_aes_emb
-from .training_step import diffusion_loss
+from . import data
+from ..dimensions import DEFAULT_DIMENSIONS
+from ..hook import ValueMixer
+from ..mixing import VMixAdapter, build_aes_emb
+from ..training_step import diffusion_loss
 
 # The extension's own label strings for the two dimensions the synthetic data varies.
 DIMENSIONS = tuple(d for d in DEFAULT_DIMENSIONS if d.name in ("color", "lighting"))
@@ -274,7 +274,7 @@ def train_base(cfg: DemoConfig, log: Callable[[str], None]) -> BaseModel:
 
 def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) -> VMixAdapter:
     """A VMix adapter on the frozen base, trained by the trainer's own loop (vmix_lib.train.loop)."""
-    from .train.loop import TrainBatch, train_adapter as run_trainer
+    from ..train.loop import TrainBatch, train_adapter as run_trainer
 
     aes_emb = build_aes_emb(base.encode_pooled, DIMENSIONS)
     # family "demo": this UNet is not an SD1.5/SDXL layout (nothing checks the family in memory).

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .layers import TOKENS
+from ..layers import TOKENS
 
 SHAPES = ("circle", "square", "triangle")
 # Position words -> centre in units of the image side (x right, y down).
