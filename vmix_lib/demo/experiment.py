@@ -368,6 +368,9 @@ def train_distilled_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str
                 return objective.loss(self.forward, self.mixer, base.encode, prompts, self.generator).loss
 
     prompts = data.all_captions()
+    effects = objective.probe(forward, base.encode, prompts[:: len(prompts) // 27], torch.Generator().manual_seed(cfg.seed + 8))
+    log("How much each phrase moves the base model (RMS of the difference over RMS of the prediction): "
+        + ", ".join(f"'{p.positive}' {effects[d.name]:.3f}" for d, p in zip(DIMENSIONS, objective.phrases)))
     g = torch.Generator().manual_seed(cfg.seed + 6)  # which prompts each step
     log(f"Distilling a VMix adapter from prompt pairs ({len(prompts)} content prompts; "
         + "; ".join(f"{d.name}: '{p.positive}' vs '{p.contrast}'" for d, p in zip(DIMENSIONS, objective.phrases))
