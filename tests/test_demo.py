@@ -19,14 +19,23 @@ from vmix_lib.demo import experiment as demo
 from vmix_lib.demo import data
 
 # Thresholds for demo.TEST per adapter ("data": trained on labelled pictures; "distill": distilled
-# from prompt pairs), with the values measured at seeds 0, 1 and 2 (seed 0 is the one run here):
-# MEASURED_BELOW
+# from prompt pairs alone), below the values measured at seeds 0, 1 and 2 (seed 0 is the one run
+# here).  Per λ step with color on, saturation rose by at least (data) 0.068, 0.052, 0.046 and
+# (distill) 0.034, 0.052, 0.035; the saturation range with everything off was (data) 0.06, 0.11,
+# 0.45 and (distill) 0.01, 0.30, 0.20 of the range with color on; per step with lighting on,
+# brightness rose by at least (data) 0.028, 0.013, 0.036 and (distill) 0.026, 0.039, 0.036; at
+# λ = 1 the foreground IoU with the base model's picture was >= (data) 0.66, 0.73, 0.67 and
+# (distill) 0.70, 0.84, 0.83, its centre moved <= (data) 1.24, 0.76, 1.25 px and (distill) 1.12,
+# 0.46, 0.40 px (the named positions are 3.7 px apart).  This small base model follows its captions
+# loosely (position right 56–61 % of the time), so its pictures, and the content measures, are noisy.
 THRESHOLDS = {
-    "data": dict(saturation_step=0.03, off_ratio=0.5, brightness_step=0.01, iou_at_1=0.65, shift_at_1=1.25),
-    "distill": dict(saturation_step=0.03, off_ratio=0.5, brightness_step=0.01, iou_at_1=0.65, shift_at_1=1.25),
+    "data": dict(saturation_step=0.03, off_ratio=0.6, brightness_step=0.007, iou_at_1=0.55, shift_at_1=1.6),
+    "distill": dict(saturation_step=0.02, off_ratio=0.5, brightness_step=0.015, iou_at_1=0.58, shift_at_1=1.5),
 }
-MIN_PHRASE_SATURATION = 0.05  # the base model's saturation rise when ", vibrant color" is added
-MIN_PHRASE_BRIGHTNESS = 0.03  # ... and brightness rise with ", natural lighting"
+# The base model's saturation rise when ", vibrant color" is added to the sweep prompts: 0.114,
+# 0.080, 0.057; its brightness rise with ", natural lighting": 0.041, 0.057, 0.050.
+MIN_PHRASE_SATURATION = 0.03
+MIN_PHRASE_BRIGHTNESS = 0.02
 
 
 @pytest.fixture(scope="module")
