@@ -1,10 +1,12 @@
 """The demonstration (python -m vmix_lib.demo) at a small scale: VMix's behaviour end to end.
 
-One small run (module fixture, demo.TEST) trains a base model and an adapter from scratch on the
-synthetic data (the adapter through the trainer's own loop), then sweeps λ.  Asserted: λ = 0
-equals the base model bit for bit; saturation rises strictly with λ when "color" is on and barely
-moves when everything is off; brightness rises when "lighting" is on; the content (foreground
-outline and place) is preserved at the training strength.
+One small run (module fixture, demo.TEST) trains a base model from scratch on the synthetic data
+(captions carry the aesthetic phrases of vivid and bright pictures), an adapter on labelled
+pictures (the trainer's own loop) and one distilled from prompt pairs alone, then sweeps λ for
+both.  Asserted: the base model reacts to the phrases; λ = 0 equals the base model bit for bit;
+for each adapter, saturation rises strictly with λ when "color" is on and barely moves when
+everything is off; brightness rises when "lighting" is on; the content (foreground outline and
+place) is preserved at the training strength.
 """
 import csv
 import json
@@ -13,20 +15,27 @@ import os
 import pytest
 import torch
 
-from vmix_lib import demo
-from vmix_lib import demo_data as data
+from vmix_lib.demo import experiment as demo
+from vmix_lib.demo import data
 
-# Thresholds for demo.TEST, with the values measured at seeds 0, 1 and 2 (seed 0 is the one run
-# here): saturation rose 0.076/0.105, 0.104/0.124 and 0.137/0.109 per λ step with color on; the
-# saturation range with everything off was 0.10, 0.05 and 0.28 of the range with color on;
-# brightness rose 0.076/0.042, 0.075/0.029 and 0.089/0.015 per step with lighting on; at λ = 1 the
-# foreground IoU with the base model's picture was >= 0.76, 0.77, 0.82 and its centre moved
-# <= 1.00, 0.69, 0.30 px (the named positions are 3.7 px apart).
-MIN_SATURATION_STEP = 0.03
-OFF_RATIO = 0.5
-MIN_BRIGHTNESS_STEP = 0.01
-MIN_IOU_AT_1 = 0.65
-MAX_SHIFT_AT_1 = 1.25
+# Thresholds for demo.TEST per adapter ("data": trained on labelled pictures; "distill": distilled
+# from prompt pairs alone), below the values measured at seeds 0, 1 and 2 (seed 0 is the one run
+# here).  Per λ step with color on, saturation rose by at least (data) 0.068, 0.052, 0.046 and
+# (distill) 0.034, 0.052, 0.035; the saturation range with everything off was (data) 0.06, 0.11,
+# 0.45 and (distill) 0.01, 0.30, 0.20 of the range with color on; per step with lighting on,
+# brightness rose by at least (data) 0.028, 0.013, 0.036 and (distill) 0.026, 0.039, 0.036; at
+# λ = 1 the foreground IoU with the base model's picture was >= (data) 0.66, 0.73, 0.67 and
+# (distill) 0.70, 0.84, 0.83, its centre moved <= (data) 1.24, 0.76, 1.25 px and (distill) 1.12,
+# 0.46, 0.40 px (the named positions are 3.7 px apart).  This small base model follows its captions
+# loosely (position right 56–61 % of the time), so its pictures, and the content measures, are noisy.
+THRESHOLDS = {
+    "data": dict(saturation_step=0.03, off_ratio=0.6, brightness_step=0.007, iou_at_1=0.55, shift_at_1=1.6),
+    "distill": dict(saturation_step=0.02, off_ratio=0.5, brightness_step=0.015, iou_at_1=0.58, shift_at_1=1.5),
+}
+# The base model's saturation rise when ", vibrant color" is added to the sweep prompts: 0.114,
+# 0.080, 0.057; its brightness rise with ", natural lighting": 0.041, 0.057, 0.050.
+MIN_PHRASE_SATURATION = 0.03
+MIN_PHRASE_BRIGHTNESS = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +44,8 @@ def run(tmp_path_factory):
     return demo.run_demo(demo.TEST, str(out), log=lambda message: None), out
 
 
-def _setting(run, name):
-    return next(r for r in run[0].results if r.setting == name)
+def _setting(run, name, adapter="data"):
+    return next(r for r in run[0].of(adapter) if r.setting == name)
 
 
 def _steps(values):
@@ -53,29 +62,40 @@ def test_lambda_zero_is_the_base_model_bit_for_bit(run):
         assert not torch.equal(res.images[-1], result.base_images)
 
 
-def test_saturation_rises_monotonically_with_lambda_when_color_is_on(run):
-    color = _setting(run, "color")
+def test_the_base_model_knows_the_phrases(run):
+    words = run[0].report["base_model_with_phrases"]
+    assert words["color"]["saturation"] - words["plain"]["saturation"] > MIN_PHRASE_SATURATION, words
+    assert words["lighting"]["brightness"] - words["plain"]["brightness"] > MIN_PHRASE_BRIGHTNESS, words
+
+
+@pytest.mark.parametrize("adapter", ["data", "distill"])
+def test_saturation_rises_monotonically_with_lambda_when_color_is_on(run, adapter):
+    color = _setting(run, "color", adapter)
     assert color.lambdas == sorted(color.lambdas)
-    assert min(_steps(color.saturation)) > MIN_SATURATION_STEP, color.saturation
-    assert run[0].report["checks"]["saturation_rises_with_color_on"] is True
+    assert min(_steps(color.saturation)) > THRESHOLDS[adapter]["saturation_step"], color.saturation
+    assert run[0].report["checks"][adapter]["saturation_rises_with_color_on"] is True
 
 
-def test_saturation_stays_put_when_color_is_off(run):
-    on = demo.spread(_setting(run, "color").saturation)
-    off = _setting(run, "none").saturation
-    assert demo.spread(off) < OFF_RATIO * on, (off, on)
+@pytest.mark.parametrize("adapter", ["data", "distill"])
+def test_saturation_stays_put_when_color_is_off(run, adapter):
+    on = demo.spread(_setting(run, "color", adapter).saturation)
+    off = _setting(run, "none", adapter).saturation
+    assert demo.spread(off) < THRESHOLDS[adapter]["off_ratio"] * on, (off, on)
 
 
-def test_brightness_rises_with_lambda_when_lighting_is_on(run):
-    lighting = _setting(run, "lighting").brightness
-    assert min(_steps(lighting)) > MIN_BRIGHTNESS_STEP, lighting
+@pytest.mark.parametrize("adapter", ["data", "distill"])
+def test_brightness_rises_with_lambda_when_lighting_is_on(run, adapter):
+    lighting = _setting(run, "lighting", adapter).brightness
+    assert min(_steps(lighting)) > THRESHOLDS[adapter]["brightness_step"], lighting
 
 
-def test_content_is_preserved_at_the_training_strength(run):
-    for res in run[0].results:
+@pytest.mark.parametrize("adapter", ["data", "distill"])
+def test_content_is_preserved_at_the_training_strength(run, adapter):
+    limits = THRESHOLDS[adapter]
+    for res in run[0].of(adapter):
         at_1 = res.lambdas.index(1.0)
-        assert res.iou[at_1] >= MIN_IOU_AT_1, (res.setting, res.iou)
-        assert res.shift[at_1] <= MAX_SHIFT_AT_1, (res.setting, res.shift)
+        assert res.iou[at_1] >= limits["iou_at_1"], (res.setting, res.iou)
+        assert res.shift[at_1] <= limits["shift_at_1"], (res.setting, res.shift)
         assert res.iou[0] == 1.0 and res.shift[0] == 0.0
         assert res.same_position[0] == res.same_hue[0] == res.same_shape[0] == 1.0
 
@@ -85,20 +105,23 @@ def test_outputs_written(run):
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["lambda0_equals_base_bitwise"] is True
-    assert [r["setting"] for r in saved["results"]] == list(demo.TEST.settings)
+    runs = [(a, s) for a in demo.TEST.adapters for s in demo.TEST.settings]
+    assert [(r["adapter"], r["setting"]) for r in saved["results"]] == runs
     assert saved["results"][0]["saturation"] == result.results[0].saturation
-    assert saved["checks"] == result.report["checks"]
+    assert saved["checks"] == result.report["checks"] and set(saved["checks"]) == {"data", "distill"}
+    assert set(saved["base_model_with_phrases"]) == {"plain", "color", "lighting"}
     with open(os.path.join(out, "results.csv"), newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(demo.TEST.settings) * len(demo.TEST.lambdas)
+    assert len(rows) == len(runs) * len(demo.TEST.lambdas)
     assert float(rows[1]["lambda"]) == demo.TEST.lambdas[1]
     assert float(rows[1]["saturation"]) == pytest.approx(result.results[0].saturation[1], abs=1e-4)
+    assert rows[-1]["adapter"] == "distill"
     from PIL import Image
 
     with Image.open(os.path.join(out, "grid.png")) as grid:
         cell = demo.TEST.size * demo.TEST.grid_scale
         assert grid.size[0] > len(demo.TEST.lambdas) * cell
-        assert grid.size[1] > len(demo.TEST.settings) * len(demo.TEST.grid_prompts) * cell
+        assert grid.size[1] > len(runs) * len(demo.TEST.grid_prompts) * cell
 
 
 def test_main_rejects_bad_threads(capsys):
@@ -198,20 +221,32 @@ def test_config_rejects_unknown_settings_and_unordered_lambdas():
         replace(demo.TEST, settings=("colour",))
     with pytest.raises(ValueError, match="ascending and non-negative"):
         replace(demo.TEST, lambdas=(1.0, 0.0))
+    with pytest.raises(ValueError, match="adapters must be"):
+        replace(demo.TEST, adapters=("lora",))
 
 
-def test_adapter_training_is_reproducible_whatever_the_global_rng():
+@pytest.mark.parametrize("objective", ["data", "distill"])
+def test_adapter_training_is_reproducible_whatever_the_global_rng(objective):
     from dataclasses import replace
 
-    cfg = replace(demo.TEST, base_steps=0, adapter_steps=3, base_images=64, adapter_images=64)
+    cfg = replace(demo.TEST, base_steps=0, adapter_steps=3, distill_steps=3, base_images=64, adapter_images=64, batch=8)
     quiet = lambda message: None
     with demo.reproducible(1):
         base = demo.train_base(cfg, quiet)
         torch.manual_seed(1)
-        first = demo.train_adapter(base, cfg, quiet).state_dict()
+        first = demo.TRAINERS[objective](base, cfg, quiet).state_dict()
         torch.manual_seed(2)
-        second = demo.train_adapter(base, cfg, quiet).state_dict()
+        second = demo.TRAINERS[objective](base, cfg, quiet).state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["projection.out.weight"], torch.zeros_like(first["projection.out.weight"]))  # it trained
     assert not any(module._forward_hooks for module in base.unet.modules())  # the trainer removed its hooks
+
+
+def test_base_captions_carry_the_phrases_of_superior_pictures():
+    assert data.caption_with_phrases("a red circle at the top", [1, 0], ["vibrant color", "natural lighting"]) == \
+        "a red circle at the top, vibrant color"
+    assert data.caption_with_phrases("a red circle at the top", [1, 1], ["vibrant color", "natural lighting"]) == \
+        "a red circle at the top, vibrant color, natural lighting"
+    tok = data.WordTokenizer(["a red circle, vibrant color"])
+    assert tok.vocab[","] and tok(["a red circle, vibrant color"])[0, 4] == tok.vocab[","]

@@ -25,7 +25,7 @@ FAMILY_DEFAULTS = {"sd15": {"lr": 1e-4, "resolution": 512}, "sdxl": {"lr": 1e-5,
 class Setting:
     name: str
     section: str
-    kind: str  # str, path, int, float, bool, choice, floats, strs
+    kind: str  # str, path, int, float, bool, choice, floats, strs, pairs
     default: Any
     help: str
     choices: Tuple[str, ...] = ()
@@ -44,7 +44,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("tokenizer_dir", "model", "path", "", "folder with CLIP vocab.json + merges.txt (or tokenizer/, tokenizer_2/)"),
     Setting("model_config_dir", "model", "path", "", "model configs to use instead of the shipped ones (unet.json, vae.json, ...)"),
     # data
-    Setting("dataset_dir", "data", "path", "", "image folder with captions (name.txt) and labels (name.json / metadata.jsonl)", required=True),
+    Setting("dataset_dir", "data", "path", "", "image folder with captions (name.txt) and labels (name.json / metadata.jsonl); "
+            "required by objective data"),
     Setting("resolution", "data", "int", 0, "training size in pixels: squares of it, or buckets of about its area (0 = 512 SD1.5, 1024 SDXL)",
             minimum=0),
     Setting("bucket", "data", "bool", True, "aspect-ratio buckets: each image keeps its shape, resized to cover the closest bucket and "
@@ -64,7 +65,9 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("output_dir", "train", "path", "", "folder for adapters, LoRA, state, logs and previews", required=True),
     Setting("name", "train", "str", "vmix", "file name stem of the outputs"),
     Setting("max_steps", "train", "int", 1000, "optimiser steps to train", minimum=1),
-    Setting("objective", "train", "choice", "data", "what to train on: data = the dataset's images (ε/v-prediction loss)", ("data",)),
+    Setting("objective", "train", "choice", "data", "what to train on: data = the dataset's labelled images (ε/v-prediction loss); "
+            "distill = content prompts and phrase pairs, the base model's own predictions as the target ([distill])",
+            ("data", "distill")),
     Setting("batch_size", "train", "int", 1, "images per micro-batch on each process (GPU)", minimum=1),
     Setting("grad_accum", "train", "int", 1, "micro-batches per optimiser step (global batch = batch_size x processes x grad_accum)",
             minimum=1),
@@ -85,6 +88,20 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("save_every", "train", "int", 500, "save adapter (+LoRA, +resume state) every N steps (0 = only at the end)", minimum=0),
     Setting("save_precision", "train", "choice", "fp16", "precision of W_a and LoRA in saved files", ("fp32", "fp16", "bf16")),
     Setting("resume", "train", "str", "", "resume from a .state.pt file, or 'latest' in output_dir"),
+    # distill (objective = "distill"; vmix_lib/train/distill.py)
+    Setting("prompts_file", "distill", "path", "", "content prompts, one a line (# comments); empty = the built-in set of 60"),
+    Setting("phrases", "distill", "pairs", {}, "per dimension the phrase added to the prompt and its contrast: in a file "
+            "color = [\"vibrant colors\", \"dull colors\"]; as a flag NAME=POSITIVE or NAME=POSITIVE|CONTRAST, repeated "
+            "(default: the dimension's label against the prompt alone)"),
+    Setting("eta", "distill", "float", 1.0, "η, the weight of each superior dimension's difference in the target", minimum=0.01, maximum=10),
+    Setting("superior_prob", "distill", "float", 0.5, "probability that a dimension is superior in a sample", minimum=0.01, maximum=1),
+    Setting("xt_steps", "distill", "int", 25, "DDIM schedule the noisy state x_t is sampled on (the student, from noise)", minimum=2),
+    Setting("xt_guidance", "distill", "float", 3.0, "classifier-free guidance while sampling x_t (1 = none)", minimum=1),
+    Setting("min_timestep", "distill", "int", 0, "lowest timestep the loss is taken at", minimum=0, maximum=999),
+    Setting("max_timestep", "distill", "int", 999, "highest timestep the loss is taken at", minimum=0, maximum=999),
+    Setting("mirror", "distill", "bool", False, "also train lambda -1 towards the opposite direction on half the samples"),
+    Setting("max_teacher_rows", "distill", "int", 0, "split the teacher's batched UNet call into calls of at most this many rows "
+            "(0 = one call)", minimum=0),
     # lora
     Setting("lora_rank", "lora", "int", 0, "LoRA rank on the UNet's attention layers (0 = no LoRA)", minimum=0),
     Setting("lora_alpha", "lora", "float", 0.0, "LoRA alpha (0 = rank; scale = alpha / rank)", minimum=0),
@@ -99,11 +116,13 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("preview_steps", "preview", "int", 20, "DDIM steps per preview image", minimum=1),
     Setting("preview_cfg", "preview", "float", 7.5, "classifier-free guidance scale of the previews", minimum=0),
     Setting("preview_seed", "preview", "int", 0, "seed of the preview noise"),
+    Setting("preview_dimensions", "preview", "bool", True, "also one row per dimension alone (the others at alpha 0) "
+            "for the first prompt"),
     Setting("preview_resolution", "preview", "int", 0, "preview size in pixels (0 = training resolution)", minimum=0),
 )
 BY_NAME: Dict[str, Setting] = {s.name: s for s in SETTINGS}
-SECTIONS = ("model", "data", "train", "lora", "preview")
-FLAG_NAMES = {"preview_prompts": "--preview-prompt"}  # repeated flag, one prompt each
+SECTIONS = ("model", "data", "train", "distill", "lora", "preview")
+FLAG_NAMES = {"preview_prompts": "--preview-prompt", "phrases": "--phrase"}  # repeated flags, one item each
 
 
 class TrainConfig:
@@ -203,7 +222,36 @@ def _coerce(setting: Setting, value: Any, where: str, base_dir: Optional[str]) -
         if not isinstance(value, list) or any(not isinstance(v, str) or not v.strip() for v in value):
             raise TrainError(f"{what} must be a list of non-empty strings, got {value!r}")
         return list(value)
+    if kind == "pairs":
+        return _pairs(value, what)
     raise AssertionError(kind)
+
+
+def _pairs(value: Any, what: str) -> Dict[str, Tuple[str, str]]:
+    """{dimension: (positive, contrast)} from a table ({name: "pos"} or {name: ["pos", "contrast"]})
+    or from flags (["name=pos|contrast", ...])."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        table = {}
+        for item in value:
+            name, sep, phrases = item.partition("=")
+            if not sep or not name.strip():
+                raise TrainError(f"{what} must look like NAME=POSITIVE or NAME=POSITIVE|CONTRAST, got {item!r}")
+            positive, _, contrast = phrases.partition("|")
+            table[name.strip()] = [positive, contrast]
+        value = table
+    if not isinstance(value, dict):
+        raise TrainError(f"{what} must be a table of dimension = [positive, contrast], got {value!r}")
+    out = {}
+    for name, pair in value.items():
+        if isinstance(pair, str):
+            pair = [pair, ""]
+        if not (isinstance(pair, list) and len(pair) in (1, 2) and all(isinstance(p, str) for p in pair)):
+            raise TrainError(f"{what}: {name} must be a phrase or [positive, contrast], got {pair!r}")
+        positive, contrast = pair[0].strip(), (pair[1].strip() if len(pair) == 2 else "")
+        if not positive:
+            raise TrainError(f"{what}: {name} has an empty positive phrase")
+        out[str(name)] = (positive, contrast)
+    return out
 
 
 def _parse_dimensions(raw: Any, where: str) -> List[AestheticDimension]:
@@ -286,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         elif s.kind == "floats":
             kwargs["type"] = _floats
             kwargs["metavar"] = "A,B,..."
-        elif s.kind == "strs":
+        elif s.kind in ("strs", "pairs"):
             kwargs["action"] = "append"
-            kwargs["metavar"] = "PROMPT"
+            kwargs["metavar"] = "PROMPT" if s.kind == "strs" else "NAME=POSITIVE[|CONTRAST]"
         elif s.kind == "choice":
             kwargs["choices"] = s.choices
         groups[s.section].add_argument(flag, **kwargs)
@@ -299,7 +347,7 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, a
     """Parse flags, read the config file, validate; raises TrainError with one sentence."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    values = {s.name: (list(s.default) if isinstance(s.default, list) else s.default) for s in SETTINGS}
+    values = {s.name: (type(s.default)(s.default) if isinstance(s.default, (list, dict)) else s.default) for s in SETTINGS}
     dims: List[AestheticDimension] = list(DEFAULT_DIMENSIONS)
     source = None
     if args.config:
@@ -314,6 +362,11 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, a
     for s in SETTINGS:
         if s.required and not values[s.name]:
             raise TrainError(f"no {s.name} given; set {s.name} in the config file or pass {_flag(s)}")
+    if values["objective"] == "data" and not values["dataset_dir"]:
+        raise TrainError("no dataset_dir given; set dataset_dir in the config file or pass --dataset-dir "
+                         "(or train without pictures: objective = \"distill\")")
+    if values["min_timestep"] > values["max_timestep"]:
+        raise TrainError(f"min_timestep {values['min_timestep']} is above max_timestep {values['max_timestep']}")
     name = values["name"]
     if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
         raise TrainError(f"name {name!r} cannot be used as a file name stem")

@@ -26,7 +26,8 @@ An *objective* is the part that differs between ways of training the same adapte
 
     data      objectives.DataObjective: dataset images -> cached VAE latents in aspect-ratio
               buckets -> ε/v-prediction MSE against the drawn noise
-    distill   (to come, issue 11): prompt pairs only -> the frozen model's own predictions as targets
+    distill   distill.DistillTraining: prompt pairs only -> the frozen model's own predictions as
+              targets (its teacher passes run with the hook disarmed, in the same loss call)
 
 Everything else is shared and objective-agnostic: accelerate (devices, processes, DDP), mixed
 precision, gradient accumulation, clipping, the learning-rate schedule, the optimiser (this file);

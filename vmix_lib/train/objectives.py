@@ -2,6 +2,8 @@
 
     data      DataObjective: a dataset folder (images, captions, labels) -> VAE latents cached per
               image and aspect-ratio bucket -> ε/v-prediction MSE (the paper's §3.4 training)
+    distill   distill.DistillTraining: content prompts and a phrase pair per dimension -> the frozen
+              base model's own predictions as the target (no images; Concept Sliders' recipe)
 
 ``OBJECTIVES`` maps the config's ``objective`` to a factory ``(cfg, family, size_multiple, log)``
 that validates its inputs before any model loads (``--dry-run`` stops after it).
@@ -18,6 +20,7 @@ from .buckets import BatchPlan, BucketSettings, assign_buckets, bucket_summary, 
 from .dataset import DatasetError, DatasetItem, load_dataset, load_image
 from .errors import TrainError
 from .latents import LatentCache, cache_identity, image_latent_shape
+from .distill import make_distill_objective
 from .loop import DiffusionObjective, TrainBatch
 from .runtime import local_processes, sample_generator, split_for_process
 from .text import sdxl_time_ids
@@ -37,6 +40,9 @@ class RunContext:
     progress: Callable  # tqdm-like
     log: Callable[[str], None]  # prints on the main process only
     vae_factor: int  # pixels per latent pixel
+    prediction: str = "epsilon"  # what the UNet predicts (epsilon, v_prediction)
+    unet_forward: Optional[Callable] = None  # (x_t, t, context, added_cond) -> the UNet's output (loop.UnetForward)
+    mixer: Any = None  # the trainer's armed ValueMixer; disarmed, unet_forward is the frozen base model
 
 
 class DataObjective(DiffusionObjective):
@@ -266,4 +272,4 @@ def make_data_objective(cfg, family: str, size_multiple: int, log: Callable[[str
 
 
 # The config's ``objective`` -> factory(cfg, family, size_multiple, log) returning an Objective.
-OBJECTIVES: Dict[str, Callable[..., Any]] = {"data": make_data_objective}
+OBJECTIVES: Dict[str, Callable[..., Any]] = {"data": make_data_objective, "distill": make_distill_objective}

@@ -67,8 +67,10 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
-def make_grid(rows: List[List], col_labels: Sequence[str], title: str = "", min_tile: int = 128):
-    """Paste PIL tiles into one image: a title line, a line of column labels, then the rows.
+def make_grid(rows: List[List], col_labels: Sequence[str], title: str = "", min_tile: int = 128,
+              row_labels: Optional[Sequence[str]] = None):
+    """Paste PIL tiles into one image: a title line, a line of column labels, then the rows
+    (each with its label in a left margin when ``row_labels`` are given).
 
     Tiles smaller than ``min_tile`` are enlarged (nearest neighbour) so that small previews stay legible.
     """
@@ -78,16 +80,19 @@ def make_grid(rows: List[List], col_labels: Sequence[str], title: str = "", min_
     zoom = max(1, -(-min_tile // max(tile_w, 1)))
     tile_w, tile_h = tile_w * zoom, tile_h * zoom
     header = 34
-    grid = Image.new("RGB", (tile_w * len(rows[0]), tile_h * len(rows) + header), (255, 255, 255))
+    margin = 110 if row_labels else 0
+    grid = Image.new("RGB", (margin + tile_w * len(rows[0]), tile_h * len(rows) + header), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     draw.text((4, 3), title, fill=(60, 60, 60))
     for c, label in enumerate(col_labels):
-        draw.text((c * tile_w + 4, 19), label, fill=(0, 0, 0))
+        draw.text((margin + c * tile_w + 4, 19), label, fill=(0, 0, 0))
     for r, row in enumerate(rows):
+        if row_labels:
+            draw.text((4, header + r * tile_h + 4), row_labels[r][:17], fill=(0, 0, 0))
         for c, tile in enumerate(row):
             if zoom > 1:
                 tile = tile.resize((tile_w, tile_h), Image.NEAREST)
-            grid.paste(tile, (c * tile_w, header + r * tile_h))
+            grid.paste(tile, (margin + c * tile_w, header + r * tile_h))
     return grid
 
 
@@ -109,11 +114,14 @@ def lambda_sweep(
     dtype: torch.dtype = torch.float32,
     autocast=None,
     title: str = "",
+    labels: Optional[torch.Tensor] = None,
+    row_labels: Optional[Sequence[str]] = None,
 ):
     """Grid image of ``prompts`` × ``lambdas``; restores the mixer's strength afterwards.
 
-    Uses all-positive aesthetic labels and no negative prompt (empty-prompt unconditional), as the
-    paper's evaluation does.
+    Uses all-positive aesthetic labels (or ``labels`` [rows, N], α per row and dimension) and no
+    negative prompt (empty-prompt unconditional), as the paper's evaluation does.  The same
+    prompt may appear in several rows; each row starts from the noise of its prompt.
     """
     import contextlib
 
@@ -122,10 +130,17 @@ def lambda_sweep(
     uncond, added_u = encode([""] * len(prompts))
     device = device or cond.device
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    noise = torch.randn((len(prompts), *latent_shape), generator=generator).to(device)
+    first = list(dict.fromkeys(prompts))
+    per_prompt = torch.randn((len(first), *latent_shape), generator=generator)
+    noise = per_prompt[[first.index(p) for p in prompts]].to(device)
     columns = []
     try:
-        mixer.set_alphas(None)  # all dimensions positive
+        if labels is None:
+            mixer.set_alphas(None)  # all dimensions positive
+        else:  # one f_a per row, for the [uncond …, cond …] rows of each call
+            adapter = mixer.adapter
+            f_a = adapter.aesthetic_context(adapter.label_input(labels.to(adapter.aes_emb.device)))
+            mixer.set_aesthetic_context(f_a.repeat(2, 1, 1))
         for lam in lambdas:
             mixer.strength = float(lam)
             with autocast() if autocast else contextlib.nullcontext():
@@ -137,4 +152,4 @@ def lambda_sweep(
     finally:
         mixer.strength = saved_strength  # the next training step sets its own per-row f_a
     rows = [[_to_pil(columns[c][r]) for c in range(len(lambdas))] for r in range(len(prompts))]
-    return make_grid(rows, [f"lambda {lam:g}" for lam in lambdas], title)
+    return make_grid(rows, [f"lambda {lam:g}" for lam in lambdas], title, row_labels=row_labels)

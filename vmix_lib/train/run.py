@@ -35,7 +35,7 @@ from .lora import LoRANetwork
 from .objectives import OBJECTIVES, RunContext
 from .previews import lambda_sweep
 from .runtime import check_launch, describe, launched_processes, make_accelerator, resolve_device, resolve_precision
-from .text import TextConditioner, load_tokenizers, sdxl_time_ids
+from .text import TextConditioner, load_tokenizers, square_image_encoder
 
 STATE_FORMAT = "vmix-train-state"
 STATE_VERSION = 2  # 2: data position of the objective, process count; 1: single process, sample count
@@ -190,7 +190,8 @@ def run_training(cfg: TrainConfig, dry_run: bool = False, log: Callable[[str], N
         extra_parameters=list(lora.parameters()) if lora else (), seed=cfg.seed, objective=objective,
         accelerator=accelerator,
     )
-    ctx = RunContext(cfg, family, base, conditioner, accelerator, device, output_dir, progress, main_log, vae_factor)
+    ctx = RunContext(cfg, family, base, conditioner, accelerator, device, output_dir, progress, main_log, vae_factor,
+                     prediction, trainer.forward, trainer.mixer)
     objective.setup(ctx)
     fingerprint = _fingerprint(cfg, family, adapter.layer_names, objective)
     if resume_path:
@@ -336,23 +337,28 @@ def _preview_maker(cfg, base: BaseModel, conditioner, trainer, objective, resolu
     forward = diffusers_unet_forward(base.unet)
     folder = os.path.join(output_dir, "previews")
 
-    def encode(texts):
-        context, text_embeds = conditioner.encode(texts)
-        if base.family != "sdxl":
-            return context, None
-        ids = torch.tensor([sdxl_time_ids((res, res), (0, 0), (res, res))] * len(texts), device=context.device)
-        return context, {"text_embeds": text_embeds, "time_ids": ids.to(text_embeds.dtype)}
+    encode = square_image_encoder(conditioner, base.family, res)
 
     @torch.no_grad()
     def decode(lat):
         return base.vae.decode(lat.to(next(base.vae.parameters()).dtype) / base.scaling_factor).sample
 
+    # Rows: every prompt with all dimensions superior; then the first prompt with each dimension alone.
+    dims = [d.name for d in cfg.dimensions]
+    rows = list(prompts) + ([prompts[0]] * len(dims) if cfg.preview_dimensions else [])
+    labels = torch.ones(len(rows), len(dims))
+    if cfg.preview_dimensions:
+        labels[len(prompts):] = torch.eye(len(dims))
+    row_labels = ["all"] * len(prompts) + (["only " + d for d in dims] if cfg.preview_dimensions else [])
+
     def make(step: int) -> str:
         os.makedirs(folder, exist_ok=True)
         grid = lambda_sweep(
-            trainer.mixer, forward, encode, decode, prompts, cfg.preview_lambdas, shape, base.alphas_cumprod,
+            trainer.mixer, forward, encode, decode, rows, cfg.preview_lambdas, shape, base.alphas_cumprod,
             cfg.preview_steps, cfg.preview_cfg, prediction, cfg.preview_seed, autocast=trainer.autocast,
-            title=f"step {step}: lambda sweep, all labels positive",
+            title=f"step {step}: lambda sweep; rows: all dimensions superior"
+                  + (f", then '{prompts[0][:40]}' with one dimension at a time" if cfg.preview_dimensions else ""),
+            labels=labels, row_labels=row_labels,
         )
         path = os.path.join(folder, f"{cfg.name}-step{step:06d}.png")
         grid.save(path)

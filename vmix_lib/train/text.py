@@ -191,3 +191,17 @@ class TextConditioner:
 def sdxl_time_ids(original_hw: Tuple[int, int], crop_tl: Tuple[int, int], target_hw: Tuple[int, int]) -> List[float]:
     """SDXL's micro-conditioning: original size, crop top-left, target size (all (h, w))."""
     return [float(v) for v in (*original_hw, *crop_tl, *target_hw)]
+
+
+def square_image_encoder(conditioner: TextConditioner, family: str, size: int):
+    """texts -> (context, added conditioning or None) for uncropped ``size``×``size`` pictures:
+    the UNet's inputs for generating (previews, the distill objective's teacher and student)."""
+
+    def encode(texts: Sequence[str]):
+        context, text_embeds = conditioner.encode(list(texts))
+        if family != "sdxl":
+            return context, None
+        ids = torch.tensor([sdxl_time_ids((size, size), (0, 0), (size, size))] * len(texts), device=context.device)
+        return context, {"text_embeds": text_embeds, "time_ids": ids.to(text_embeds.dtype)}
+
+    return encode

@@ -1,18 +1,22 @@
 """VMix end to end on a CPU in minutes, with nothing downloaded: ``python -m vmix_lib.demo``.
 
-1. Draws a synthetic dataset (vmix_lib/demo_data.py): one coloured shape per image, captioned
+1. Draws a synthetic dataset (vmix_lib/demo/data.py): one coloured shape per image, captioned
    with its hue, shape and position; saturation ("color") and brightness ("lighting") play the
    aesthetic dimensions.
 2. Trains a small text-to-image diffusion model from scratch in pixel space: a diffusers
    UNet2DConditionModel with real cross-attention (attn2) layers, conditioned on a transformers
-   CLIPTextModel with a tiny configuration and a word-level vocabulary built here.
+   CLIPTextModel with a tiny configuration and a word-level vocabulary built here.  Captions of
+   the vivid and bright pictures drawn superior end with the phrases "vibrant color" and
+   "natural lighting", so the model knows the words.
 3. Freezes it, builds AesEmb from its own text encoder's pooled output ("[CLS]") as the paper
-   does, and trains a VMix adapter (projection layer + one W_a per attn2) with the trainer's own
-   loop (vmix_lib.train.loop: λ = 1, labels per image, the base frozen).
+   does, and trains two VMix adapters (projection layer + one W_a per attn2) with the trainer's
+   loop (vmix_lib.train.loop: λ = 1, the base frozen): one on labelled pictures (objective
+   "data"), one distilled from prompt pairs alone, the base model's own predictions as the target
+   (objective "distill", vmix_lib.train.distill).
 4. Samples fixed prompts and seeds with DDIM for a λ sweep under several aesthetic settings
    through the extension's ValueMixer hook, compares every picture with the base model's picture
-   of the same prompt and seed, prints the measured table and writes grid.png, results.json and
-   results.csv.
+   of the same prompt and seed, prints the measured table (both adapters side by side) and writes
+   grid.png, results.json and results.csv.
 
 Only this demonstration needs diffusers and transformers; the extension never imports it.  The
 adapter stays in memory: the adapter file format holds the SD1.5 and SDXL layouts only, and
@@ -35,11 +39,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import demo_data as data
-from .dimensions import DEFAULT_DIMENSIONS
-from .hook import ValueMixer
-from .mixing import VMixAdapter, build_aes_emb
-from .training_step import diffusion_loss
+from . import data
+from ..dimensions import DEFAULT_DIMENSIONS
+from ..hook import ValueMixer
+from ..mixing import VMixAdapter, build_aes_emb
+from ..train.distill import DistillConfig, DistillObjective
+from ..training_step import diffusion_loss
 
 # The extension's own label strings for the two dimensions the synthetic data varies.
 DIMENSIONS = tuple(d for d in DEFAULT_DIMENSIONS if d.name in ("color", "lighting"))
@@ -62,6 +67,9 @@ class DemoConfig:
     prediction: str = "v_prediction"
     noise_shift: float = 3.0  # see shifted_cosine_betas
     base_images: int = 8192
+    # Share of the base model's pictures drawn superior per dimension (color, lighting); their
+    # captions end with the dimension's phrase, so the base model learns the words.
+    base_superior_fraction: Tuple[float, float] = (0.25, 0.25)
     adapter_images: int = 8192
     superior_fraction: Tuple[float, float] = (0.5, 0.5)  # (color, lighting) in the adapter's data
     appearance: data.Appearance = data.DEFAULT_APPEARANCE  # what ordinary and superior look like
@@ -70,10 +78,15 @@ class DemoConfig:
     base_lr: float = 2e-3
     adapter_steps: int = 400
     adapter_lr: float = 1e-2
+    distill_steps: int = 400  # the adapter distilled from prompt pairs (vmix_lib.train.distill)
+    distill_lr: float = 1e-2
+    # x_t from the demo's own sampler (DDIM, steps_offset 0, x₀ clipped); no CFG (no unconditional).
+    distill: DistillConfig = DistillConfig(eta=1.0, sample_steps=10, timestep_offset=0, guidance_scale=1.0, clip_sample=1.0)
     sample_steps: int = 20  # DDIM
     prompts: int = 54  # sweep prompts, one seed each (see sweep_prompts)
     lambdas: Tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     settings: Tuple[str, ...] = ("color", "lighting", "none")
+    adapters: Tuple[str, ...] = ("data", "distill")  # which adapters to train and sweep (ADAPTERS)
     grid_prompts: Tuple[int, ...] = (0, 13, 26, 40)  # which sweep prompts the grid shows
     grid_scale: int = 4
     threads: int = 1  # torch CPU threads (1: no slowdown from oversubscribed OpenMP threads on a
@@ -83,15 +96,18 @@ class DemoConfig:
         unknown = [name for name in self.settings if name not in SETTINGS]
         if unknown:
             raise ValueError(f"unknown demo setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
+        if not self.adapters or any(a not in ("data", "distill") for a in self.adapters):
+            raise ValueError(f"adapters must be a non-empty choice of 'data' and 'distill', got {self.adapters}")
         if list(self.lambdas) != sorted(self.lambdas) or not self.lambdas or self.lambdas[0] < 0:
             raise ValueError(f"lambdas must be ascending and non-negative, got {self.lambdas}")
 
 
 FULL = DemoConfig()
-# About two minutes: a weaker base model (noisier pictures), the same behaviour.
-QUICK = replace(FULL, base_images=2048, adapter_images=2048, base_steps=400, adapter_steps=200, prompts=27,
-                grid_prompts=(0, 13, 26))
-# The test suite's scale (tests/test_demo.py), about two minutes on one CPU thread.
+# A few minutes: a weaker base model (noisier pictures), the same behaviour.  Its captions carry the
+# phrases twice as often, so that 600 steps teach it the words.
+QUICK = replace(FULL, base_images=2048, adapter_images=2048, base_steps=600, base_superior_fraction=(0.5, 0.5),
+                adapter_steps=200, distill_steps=150, prompts=27, grid_prompts=(0, 13, 26))
+# The test suite's scale (tests/test_demo.py), a few minutes on one CPU thread.
 TEST = replace(QUICK, sample_steps=10, prompts=18, lambdas=(0.0, 1.0, 2.0), grid_prompts=(0, 9))
 
 
@@ -230,57 +246,90 @@ class BaseModel:
     unet: torch.nn.Module
     scheduler: object
     contexts: torch.Tensor  # [len(all_captions()), 77, d]: the frozen text encoder's output
+    _encoded: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def encode_pooled(self, texts: Sequence[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenizer(texts)).pooler_output
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> Tuple[torch.Tensor, None]:
+        """(context [n, 77, d], None): the trainer's encode convention; cached per text."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._encoded]
+        if new:
+            for text, row in zip(new, self.text_encoder(self.tokenizer(new)).last_hidden_state):
+                self._encoded[text] = row
+        return torch.stack([self._encoded[t] for t in texts]), None
 
     def unet_forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         coords = coordinate_planes(x.shape[-1]).to(x.dtype).expand(x.shape[0], -1, -1, -1)
         return self.unet(torch.cat([x, coords], 1), t, encoder_hidden_states=context).sample
 
 
+def phrases() -> List[str]:
+    """The aesthetic words the base model's captions carry: each dimension's label phrase."""
+    return [d.positive for d in DIMENSIONS]
+
+
 def train_base(cfg: DemoConfig, log: Callable[[str], None]) -> BaseModel:
-    """The base text-to-image model, trained on ordinary images, then frozen.
+    """The base text-to-image model, trained on pictures captioned with their content and, for
+    the vivid or bright ones drawn superior, the dimension's phrase ("…, vibrant color"); then frozen.
 
     The text encoder stays at its random initialisation (frozen, as SD keeps its CLIP frozen):
     trained jointly from scratch it collapsed, its captions drifting together before the UNet
     learnt to read them, while a random transformer already keeps all captions apart.
     """
     captions = data.all_captions()
-    tokenizer = data.WordTokenizer(captions + [d.positive for d in DIMENSIONS] + [d.negative for d in DIMENSIONS])
+    words = phrases()
+    tokenizer = data.WordTokenizer(captions + [", " + w for w in words] + [d.negative for d in DIMENSIONS])
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         text_encoder = build_text_encoder(tokenizer.vocab_size, cfg).eval().requires_grad_(False)
         unet = build_unet(cfg)
-    with torch.no_grad():
-        contexts = text_encoder(tokenizer(captions)).last_hidden_state
-    base = BaseModel(tokenizer, text_encoder, unet, build_scheduler(cfg), contexts)
+    # Caption variants: content × (which phrases), index = content index · 2^N + Σ 2^i (superior i).
+    # Encoded once, together; the plain captions (code 0) are the contexts the sweep samples with,
+    # and the distillation's teacher reads the same tensors from the cache.
+    variants = [
+        data.caption_with_phrases(c, [(code >> i) & 1 for i in range(len(words))], words)
+        for c in captions for code in range(2 ** len(words))
+    ]
+    base = BaseModel(tokenizer, text_encoder, unet, build_scheduler(cfg), torch.empty(0))
+    variant_contexts = base.encode(variants)[0]
+    base.contexts = variant_contexts[:: 2 ** len(words)]
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    dataset = data.make_images(cfg.base_images, cfg.size, g, appearance=cfg.appearance)
-    images, caption_index = dataset.images * 2 - 1, dataset.caption_index()
+    dataset = data.make_images(cfg.base_images, cfg.size, g, superior_fraction=cfg.base_superior_fraction, appearance=cfg.appearance)
+    images = dataset.images * 2 - 1
+    code = sum(dataset.labels[:, i].long() << i for i in range(len(words)))
+    variant_index = dataset.caption_index() * 2 ** len(words) + code
     alphas_cumprod = base.scheduler.alphas_cumprod
 
     def step(gen: torch.Generator) -> torch.Tensor:
         pick = torch.randint(0, images.shape[0], (cfg.batch,), generator=gen)
-        return diffusion_loss(base.unet_forward, images[pick], contexts[caption_index[pick]], alphas_cumprod, cfg.prediction, generator=gen)
+        return diffusion_loss(base.unet_forward, images[pick], variant_contexts[variant_index[pick]], alphas_cumprod, cfg.prediction, generator=gen)
 
+    worded = ", ".join(f"{f:.0%} '{w}'" for f, w in zip(cfg.base_superior_fraction, words))
     log(f"Training the base model ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
-        f"{cfg.base_steps} steps) on {cfg.base_images} ordinary images")
+        f"{cfg.base_steps} steps) on {cfg.base_images} captioned pictures ({worded})")
     unet.train()
     train_loop(step, unet.parameters(), cfg.base_steps, cfg.base_lr, g, "base", log)
     unet.eval().requires_grad_(False)
     return base
 
 
-def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) -> VMixAdapter:
-    """A VMix adapter on the frozen base, trained by the trainer's own loop (vmix_lib.train.loop)."""
-    from .train.loop import TrainBatch, train_adapter as run_trainer
-
+def new_adapter(base: BaseModel, seed: int) -> VMixAdapter:
+    """A fresh adapter: AesEmb from the base's text encoder, projection initialised from ``seed``."""
     aes_emb = build_aes_emb(base.encode_pooled, DIMENSIONS)
     # family "demo": this UNet is not an SD1.5/SDXL layout (nothing checks the family in memory).
     with torch.random.fork_rng():  # the projection's token Linear starts random: seeded, as in the trainer
-        torch.manual_seed(cfg.seed + 4)
-        adapter = VMixAdapter.for_unet(base.unet, aes_emb, family="demo", dimensions=DIMENSIONS)
+        torch.manual_seed(seed)
+        return VMixAdapter.for_unet(base.unet, aes_emb, family="demo", dimensions=DIMENSIONS)
+
+
+def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) -> VMixAdapter:
+    """A VMix adapter on the frozen base, trained by the trainer's own loop (vmix_lib.train.loop)
+    on labelled pictures (objective "data")."""
+    from ..train.loop import TrainBatch, train_adapter as run_trainer
+
+    adapter = new_adapter(base, cfg.seed + 4)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     dataset = data.make_images(cfg.adapter_images, cfg.size, g, superior_fraction=cfg.superior_fraction, appearance=cfg.appearance)
     images, caption_index, labels = dataset.images * 2 - 1, dataset.caption_index(), dataset.labels
@@ -290,16 +339,50 @@ def train_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) 
             pick = torch.randint(0, images.shape[0], (cfg.batch,), generator=g)
             yield TrainBatch(images[pick], base.contexts[caption_index[pick]], labels[pick])
 
-    log(f"Training the VMix adapter ({len(adapter.layer_names)} attn2 layers, "
+    log(f"Training the VMix adapter on data ({len(adapter.layer_names)} attn2 layers, "
         f"{sum(p.numel() for p in adapter.parameters()) / 1e3:.1f}k parameters, {cfg.adapter_steps} steps) on "
         f"{cfg.adapter_images} labelled images; the base stays frozen")
-    progress = Progress("adapter", cfg.adapter_steps, log)
+    progress = Progress("adapter (data)", cfg.adapter_steps, log)
     run_trainer(
         base.unet, adapter, batches(), cfg.adapter_steps, base.scheduler.alphas_cumprod,
         on_step=progress, lr=cfg.adapter_lr, weight_decay=0.0, prediction=cfg.prediction,
         warmup_steps=max(1, cfg.adapter_steps // 20), unet_forward=lambda x, t, c, added=None: base.unet_forward(x, t, c),
         seed=cfg.seed + 3,
     )
+    return adapter.eval().requires_grad_(False)
+
+
+def train_distilled_adapter(base: BaseModel, cfg: DemoConfig, log: Callable[[str], None]) -> VMixAdapter:
+    """A VMix adapter distilled from the frozen base's own predictions on prompt pairs (objective
+    "distill"): the content captions alone, no picture and no label; the trainer's loop
+    (optimizer, warm-up, clipping, generator) with the distillation loss in place of the data loss."""
+    from ..train.distill import DistillTraining
+    from ..train.loop import AdapterTrainer
+
+    adapter = new_adapter(base, cfg.seed + 5)
+    forward = lambda x, t, c, added=None: base.unet_forward(x, t, c)
+    objective = DistillObjective(DIMENSIONS, base.scheduler.alphas_cumprod, cfg.prediction, (3, cfg.size, cfg.size), cfg.distill)
+
+    prompts = data.all_captions()
+    effects = objective.probe(forward, base.encode, prompts[:: len(prompts) // 27], torch.Generator().manual_seed(cfg.seed + 8))
+    log("How much each phrase moves the base model (RMS of the difference over RMS of the prediction): "
+        + ", ".join(f"'{p.positive}' {effects[d.name]:.3f}" for d, p in zip(DIMENSIONS, objective.phrases)))
+    g = torch.Generator().manual_seed(cfg.seed + 6)  # which prompts each step
+    log(f"Distilling a VMix adapter from prompt pairs ({len(prompts)} content prompts; "
+        + "; ".join(f"{d.name}: '{p.positive}' vs '{p.contrast}'" for d, p in zip(DIMENSIONS, objective.phrases))
+        + f"; η = {cfg.distill.eta:g}, {cfg.distill_steps} steps), no picture and no label")
+    progress = Progress("adapter (distill)", cfg.distill_steps, log)
+    trainer = AdapterTrainer(
+        base.unet, adapter, base.scheduler.alphas_cumprod, lr=cfg.distill_lr, weight_decay=0.0, prediction=cfg.prediction,
+        warmup_steps=max(1, cfg.distill_steps // 20), unet_forward=forward, seed=cfg.seed + 7,
+        objective=DistillTraining(objective, base.encode),
+    )
+    try:
+        for _ in range(cfg.distill_steps):
+            pick = torch.randint(0, len(prompts), (cfg.batch,), generator=g)
+            progress(trainer.step + 1, trainer.train_step([[prompts[int(i)] for i in pick]]))
+    finally:
+        trainer.close()
     return adapter.eval().requires_grad_(False)
 
 
@@ -327,8 +410,12 @@ def sweep_prompts(cfg: DemoConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     return index, noise
 
 
+ADAPTERS = {"data": "trained on labelled pictures", "distill": "distilled from prompt pairs"}
+
+
 @dataclass
 class SweepResult:
+    adapter: str  # "data" or "distill" (ADAPTERS)
     setting: str
     alphas: Dict[str, float]
     lambdas: List[float]
@@ -346,7 +433,7 @@ class SweepResult:
 
 def run_sweep(
     base: BaseModel, mixer: ValueMixer, contexts: torch.Tensor, noise: torch.Tensor, base_images: torch.Tensor,
-    cfg: DemoConfig, log: Callable[[str], None],
+    cfg: DemoConfig, log: Callable[[str], None], adapter: str = "data",
 ) -> List[SweepResult]:
     """One SweepResult per aesthetic setting, sampling ``contexts`` from ``noise``; content is
     compared with ``base_images``, the base model's samples of the same prompts and seeds."""
@@ -355,7 +442,7 @@ def run_sweep(
     results = []
     for name in cfg.settings:
         mixer.set_alphas(SETTINGS[name])
-        res = SweepResult(name, dict(SETTINGS[name]), list(cfg.lambdas))
+        res = SweepResult(adapter, name, dict(SETTINGS[name]), list(cfg.lambdas))
         mixer.arm()
         try:
             for lam in cfg.lambdas:
@@ -374,9 +461,20 @@ def run_sweep(
                 res.same_position.append(float(kept[2]))
         finally:
             mixer.disarm()
-        log(f"  sampled {cfg.prompts} prompts with {name}: " + ", ".join(f"{k}={v:g}" for k, v in SETTINGS[name].items()))
+        log(f"  sampled {cfg.prompts} prompts, adapter {adapter}, {name}: " + ", ".join(f"{k}={v:g}" for k, v in SETTINGS[name].items()))
         results.append(res)
     return results
+
+
+def phrase_effects(base: BaseModel, index: torch.Tensor, noise: torch.Tensor, cfg: DemoConfig) -> Dict[str, Dict[str, float]]:
+    """Saturation and brightness of the base model's pictures of the sweep prompts, plain and with
+    each dimension's phrase added: what the words mean to the base model, the distillation's teacher."""
+    captions = [data.all_captions()[int(i)] for i in index]
+    out = {}
+    for name, phrase in [("plain", "")] + [(d.name, d.positive) for d in DIMENSIONS]:
+        m = data.measure(sample(base, base.encode([data.caption_with_phrases(c, [1], [phrase]) for c in captions])[0], noise, cfg))
+        out[name] = {"phrase": phrase, "saturation": round(m.saturation, 4), "brightness": round(m.brightness, 4)}
+    return out
 
 
 def caption_accuracy(images: torch.Tensor, index: torch.Tensor) -> Dict[str, float]:
@@ -422,30 +520,41 @@ def checks(results: Sequence[SweepResult]) -> Dict[str, object]:
 
 
 def format_table(results: Sequence[SweepResult]) -> str:
+    """Rows = setting × measure; one block of λ columns per adapter, side by side."""
     lambdas = results[0].lambdas
-    head = f"{'setting':<22}{'measure':<15}" + "".join(f"{'λ=' + format(l, 'g'):>8}" for l in lambdas)
-    lines = [head, "-" * len(head)]
-    for res in results:
-        rows = [
-            ("saturation", res.saturation, "{:.3f}"),
-            ("brightness", res.brightness, "{:.3f}"),
-            ("IoU vs base", res.iou, "{:.3f}"),
-            ("shift (px)", res.shift, "{:.2f}"),
-            ("same position", res.same_position, "{:.2f}"),
-            ("same hue", res.same_hue, "{:.2f}"),
-            ("same shape", res.same_shape, "{:.2f}"),
-        ]
-        for i, (label, values, fmt) in enumerate(rows):
-            first = res.setting if i == 0 else ("(" + ", ".join(f"{k}={v:g}" for k, v in res.alphas.items()) + ")" if i == 1 else "")
-            lines.append(f"{first:<22}{label:<15}" + "".join(f"{fmt.format(v):>8}" for v in values))
+    adapters = list(dict.fromkeys(r.adapter for r in results))
+    settings = list(dict.fromkeys(r.setting for r in results))
+    by = {(r.adapter, r.setting): r for r in results}
+    block = len(lambdas) * 8
+    head = f"{'setting':<22}{'measure':<15}" + " | ".join(f"{'adapter: ' + a:<{block}}" for a in adapters)
+    lam = f"{'':<37}" + " | ".join("".join(f"{'λ=' + format(l, 'g'):>8}" for l in lambdas) for _ in adapters)
+    lines = [head, lam, "-" * len(lam)]
+    measures = [
+        ("saturation", "saturation", "{:.3f}"),
+        ("brightness", "brightness", "{:.3f}"),
+        ("IoU vs base", "iou", "{:.3f}"),
+        ("shift (px)", "shift", "{:.2f}"),
+        ("same position", "same_position", "{:.2f}"),
+        ("same hue", "same_hue", "{:.2f}"),
+        ("same shape", "same_shape", "{:.2f}"),
+    ]
+    for setting in settings:
+        alphas = next(r.alphas for r in results if r.setting == setting)
+        for i, (label, attr, fmt) in enumerate(measures):
+            first = setting if i == 0 else ("(" + ", ".join(f"{k}={v:g}" for k, v in alphas.items()) + ")" if i == 1 else "")
+            cells = []
+            for a in adapters:
+                res = by.get((a, setting))
+                cells.append("".join(f"{fmt.format(v):>8}" for v in getattr(res, attr)) if res else " " * block)
+            lines.append(f"{first:<22}{label:<15}" + " | ".join(cells))
     return "\n".join(lines)
 
 
 def write_grid(path: str, results: Sequence[SweepResult], index: torch.Tensor, cfg: DemoConfig) -> None:
-    """Rows = (setting, prompt), columns = λ; each cell one sample, enlarged without smoothing."""
+    """Rows = (adapter, setting, prompt), columns = λ; each cell one sample, enlarged without smoothing."""
     from PIL import Image, ImageDraw
 
-    cell, pad, label_w, head_h = cfg.size * cfg.grid_scale, 2, 190, 16
+    cell, pad, label_w, head_h = cfg.size * cfg.grid_scale, 2, 230, 16
     picks = [p for p in cfg.grid_prompts if p < len(index)]
     rows = [(res, p) for res in results for p in picks]
     canvas = Image.new("RGB", (label_w + len(cfg.lambdas) * (cell + pad), head_h + len(rows) * (cell + pad)), "white")
@@ -455,8 +564,9 @@ def write_grid(path: str, results: Sequence[SweepResult], index: torch.Tensor, c
     captions = data.all_captions()
     for r, (res, p) in enumerate(rows):
         y = head_h + r * (cell + pad)
-        draw.text((2, y + 4), res.setting + ": " + ", ".join(f"{k}={v:g}" for k, v in res.alphas.items()), fill="black")
-        draw.text((2, y + 20), captions[int(index[p])], fill=(90, 90, 90))
+        draw.text((2, y + 2), f"adapter: {res.adapter}", fill="black")
+        draw.text((2, y + 16), res.setting + ": " + ", ".join(f"{k}={v:g}" for k, v in res.alphas.items()), fill="black")
+        draw.text((2, y + 30), captions[int(index[p])], fill=(90, 90, 90))
         for j, images in enumerate(res.images):
             pixels = (images[p].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
             canvas.paste(Image.fromarray(pixels).resize((cell, cell), Image.NEAREST), (label_w + j * (cell + pad), y))
@@ -471,10 +581,10 @@ def write_outputs(out_dir: str, report: Dict[str, object], results: Sequence[Swe
         json.dump(report, f, indent=2)
     with open(paths["results.csv"], "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["setting", "alpha_color", "alpha_lighting", "lambda", "saturation", "brightness", "iou_vs_base", "shift_px", "same_position", "same_hue", "same_shape"])
+        w.writerow(["adapter", "setting", "alpha_color", "alpha_lighting", "lambda", "saturation", "brightness", "iou_vs_base", "shift_px", "same_position", "same_hue", "same_shape"])
         for r in results:
             for i, lam in enumerate(r.lambdas):
-                w.writerow([r.setting, r.alphas["color"], r.alphas["lighting"], lam, f"{r.saturation[i]:.4f}", f"{r.brightness[i]:.4f}",
+                w.writerow([r.adapter, r.setting, r.alphas["color"], r.alphas["lighting"], lam, f"{r.saturation[i]:.4f}", f"{r.brightness[i]:.4f}",
                             f"{r.iou[i]:.4f}", f"{r.shift[i]:.3f}", f"{r.same_position[i]:.3f}", f"{r.same_hue[i]:.3f}", f"{r.same_shape[i]:.3f}"])
     return paths
 
@@ -495,9 +605,15 @@ def reproducible(threads: int):
 @dataclass
 class DemoRun:
     report: Dict[str, object]  # what results.json holds
-    results: List[SweepResult]
+    results: List[SweepResult]  # every adapter's, in cfg.adapters order
     base_images: torch.Tensor  # the base model's samples, same prompts and seeds
     index: torch.Tensor  # caption index of each sweep prompt
+
+    def of(self, adapter: str) -> List[SweepResult]:
+        return [r for r in self.results if r.adapter == adapter]
+
+
+TRAINERS = {"data": train_adapter, "distill": train_distilled_adapter}
 
 
 def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str], None] = print) -> DemoRun:
@@ -505,28 +621,33 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str]
     started = time.time()
     with reproducible(cfg.threads):
         base = train_base(cfg, log)
-        adapter = train_adapter(base, cfg, log)
+        adapters = {name: TRAINERS[name](base, cfg, log) for name in cfg.adapters}
         log(f"Sampling {cfg.prompts} prompts for λ = {', '.join(f'{l:g}' for l in cfg.lambdas)} (DDIM, {cfg.sample_steps} steps)")
         index, noise = sweep_prompts(cfg)
         contexts = base.contexts[index]
         base_images = sample(base, contexts, noise, cfg)  # no hook anywhere: the base model
-        # Sampling goes through a fresh ValueMixer, as in the extension.
-        mixer = ValueMixer(adapter, strict=True).install(base.unet)
-        try:
-            results = run_sweep(base, mixer, contexts, noise, base_images, cfg, log)
-        finally:
-            mixer.remove()
+        words = phrase_effects(base, index, noise, cfg)
+        results: List[SweepResult] = []
+        for name, adapter in adapters.items():
+            # Sampling goes through a fresh ValueMixer, as in the extension.
+            mixer = ValueMixer(adapter, strict=True).install(base.unet)
+            try:
+                results += run_sweep(base, mixer, contexts, noise, base_images, cfg, log, adapter=name)
+            finally:
+                mixer.remove()
     report = {
         "config": asdict(cfg),
         "dimensions": [d.to_json() for d in DIMENSIONS],
+        "adapters": {name: ADAPTERS[name] for name in cfg.adapters},
         "settings": {r.setting: r.alphas for r in results},
         # None when λ = 0 is not swept.
         "lambda0_equals_base_bitwise": (
             all(torch.equal(r.images[0], base_images) for r in results) if cfg.lambdas[0] == 0.0 else None
         ),
         "base_model_draws_the_caption": caption_accuracy(base_images, index),
+        "base_model_with_phrases": words,
         "results": [{k: v for k, v in asdict(r).items() if k != "images"} for r in results],
-        "checks": checks(results),
+        "checks": {name: checks([r for r in results if r.adapter == name]) for name in cfg.adapters},
         "seconds": round(time.time() - started, 1),
     }
     if out_dir:
@@ -538,17 +659,21 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vmix_lib.demo",
-        description="VMix end to end on a CPU in minutes, nothing downloaded: trains a small text-to-image model and a "
-        "VMix adapter on synthetic pictures, then measures saturation, brightness and content over a λ sweep.",
+        description="VMix end to end on a CPU in minutes, nothing downloaded: trains a small text-to-image model, a "
+        "VMix adapter on labelled synthetic pictures and one distilled from prompt pairs alone, then measures "
+        "saturation, brightness and content over a λ sweep.",
     )
     parser.add_argument("--out", default=os.path.join("out", "vmix-demo"), help="output folder (default: out/vmix-demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, initialisation and sampling (default: 0)")
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run: less training, fewer prompts")
+    parser.add_argument("--adapters", choices=("both", "data", "distill"), default="both",
+                        help="which adapters to train and measure (default: both, side by side)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1; more is faster on an idle machine, and the numbers then differ slightly)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, threads=args.threads)
+    cfg = replace(QUICK if args.quick else FULL, seed=args.seed, threads=args.threads,
+                  adapters=tuple(ADAPTERS) if args.adapters == "both" else (args.adapters,))
     missing = [name for name in ("diffusers", "transformers", "PIL") if importlib.util.find_spec(name) is None]
     if missing:
         print(f"VMix demo: needs {', '.join(missing)}, which this Python lacks; install the pinned versions with "
@@ -563,24 +688,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     log = lambda message: print(message, file=sys.stderr, flush=True)
     run = run_demo(cfg, args.out, log)
-    c, drawn = run.report["checks"], run.report["base_model_draws_the_caption"]
+    drawn, words = run.report["base_model_draws_the_caption"], run.report["base_model_with_phrases"]
     print(format_table(run.results))
     print()
     print(f"The base model draws the captioned hue {drawn['hue']:.0%}, shape {drawn['shape']:.0%}, "
           f"position {drawn['position']:.0%} of the time (all three {drawn['all']:.0%}).")
+    plain = words["plain"]
+    print("The base model with a phrase added to the prompt (what distillation learns from): "
+          + "; ".join(f"'{w['phrase']}' saturation {plain['saturation']:.3f} → {w['saturation']:.3f}, "
+                      f"brightness {plain['brightness']:.3f} → {w['brightness']:.3f}" for k, w in words.items() if k != "plain"))
     if run.report["lambda0_equals_base_bitwise"] is not None:
         print(f"λ = 0 gives the base model's images bit for bit: {'yes' if run.report['lambda0_equals_base_bitwise'] else 'NO'}")
-    if "color" in cfg.settings:
-        print(f"color on: saturation rises with λ: {'yes' if c['saturation_rises_with_color_on'] else 'NO'} "
-              f"(range {c['saturation_range_color_on']:.3f}; brightness changes by {c['brightness_change_color_on']:+.3f})")
-    if "lighting" in cfg.settings:
-        print(f"lighting on: brightness rises with λ: {'yes' if c['brightness_rises_with_lighting_on'] else 'NO'} "
-              f"(range {c['brightness_range_lighting_on']:.3f}; saturation changes by {c['saturation_change_lighting_on']:+.3f})")
-    if "none" in cfg.settings:
-        print(f"everything off: saturation range {c['saturation_range_all_off']:.3f}, brightness range {c['brightness_range_all_off']:.3f}")
-    print(f"content vs the base model's image: foreground IoU >= {c['min_iou_vs_base']:.2f}, centre moved <= "
-          f"{c['max_shift_px']:.2f} px; same position >= {c['min_same_position']:.0%}, hue >= {c['min_same_hue']:.0%}, "
-          f"shape >= {c['min_same_shape']:.0%} (read off the pictures)")
+    for name in cfg.adapters:
+        c = run.report["checks"][name]
+        print(f"adapter {name} ({ADAPTERS[name]}):")
+        if "color" in cfg.settings:
+            print(f"  color on: saturation rises with λ: {'yes' if c['saturation_rises_with_color_on'] else 'NO'} "
+                  f"(range {c['saturation_range_color_on']:.3f}; brightness changes by {c['brightness_change_color_on']:+.3f})")
+        if "lighting" in cfg.settings:
+            print(f"  lighting on: brightness rises with λ: {'yes' if c['brightness_rises_with_lighting_on'] else 'NO'} "
+                  f"(range {c['brightness_range_lighting_on']:.3f}; saturation changes by {c['saturation_change_lighting_on']:+.3f})")
+        if "none" in cfg.settings:
+            print(f"  everything off: saturation range {c['saturation_range_all_off']:.3f}, brightness range {c['brightness_range_all_off']:.3f}")
+        print(f"  content vs the base model's image: foreground IoU >= {c['min_iou_vs_base']:.2f}, centre moved <= "
+              f"{c['max_shift_px']:.2f} px; same position >= {c['min_same_position']:.0%}, hue >= {c['min_same_hue']:.0%}, "
+              f"shape >= {c['min_same_shape']:.0%} (read off the pictures)")
     print(f"wrote {os.path.join(args.out, 'grid.png')}, results.json and results.csv in {run.report['seconds']:.0f} s")
     return 0
 

@@ -7,22 +7,28 @@ Two appearance properties play the aesthetic dimensions:
     color     HSV saturation   any image 0.15–1.00   labelled "vibrant color"     0.85–1.00
     lighting  HSV value        any image 0.45–1.00   labelled "natural lighting"  0.90–1.00
 
-The base model learns from unlabelled images, so on its own it draws middling saturation and
-brightness (means about 0.58 and 0.72).  The adapter learns from a set in which each image is,
-independently per dimension, either labelled superior (and then vivid, or bright) or not
-labelled (then an ordinary image, like the base model's; "missing = inferior" as in the paper).
-So the positive label asks for more than usual, the negative one for what is usual.
+The base model learns from captioned pictures: a share of them is drawn superior per dimension,
+and their captions end with that dimension's phrase ("a red circle at the top, vibrant color"), so
+the base model knows the words; the others are ordinary, with plain captions (an ordinary picture
+may be vivid all the same: captions are incomplete, as on the web).  The data-trained adapter
+learns from a set in which each image is, independently per dimension, either labelled superior
+(and then vivid, or bright) or not labelled (then an ordinary image; "missing = inferior" as in the
+paper), captioned with its content only.  So the positive label asks for more than usual, the
+negative one for what is usual.  The distilled adapter sees no picture: only the content captions
+and the phrases.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .layers import TOKENS
+from ..layers import TOKENS
+from ..train.distill import join_prompt
 
 SHAPES = ("circle", "square", "triangle")
 # Position words -> centre in units of the image side (x right, y down).
@@ -70,6 +76,14 @@ def all_captions() -> List[str]:
     return [caption(h, s, p) for h in range(len(HUE_NAMES)) for s in range(len(SHAPES)) for p in range(len(POSITION_NAMES))]
 
 
+def caption_with_phrases(caption_text: str, superior: Sequence[bool], phrases: Sequence[str]) -> str:
+    """The caption, then the phrase of each superior dimension ("a red circle at the top, vibrant color")."""
+    for on, phrase in zip(superior, phrases):
+        if on:
+            caption_text = join_prompt(caption_text, phrase)
+    return caption_text
+
+
 def caption_parts(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(hue, shape, position) indices of caption indices."""
     p, s = len(POSITION_NAMES), len(SHAPES)
@@ -77,6 +91,11 @@ def caption_parts(index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torc
 
 
 # -- text ---------------------------------------------------------------------------------------
+def _words(text: str) -> List[str]:
+    """Lower-case words, a comma being a word of its own (as CLIP's tokenizer splits it off)."""
+    return re.findall(r"[^\s,]+|,", text.lower())
+
+
 class WordTokenizer:
     """Word-level tokenizer with CLIP's layout: [BOS] words [EOS] padded with EOS to 77 tokens."""
 
@@ -84,7 +103,7 @@ class WordTokenizer:
     SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
     def __init__(self, texts: Sequence[str], length: int = TOKENS):
-        words = sorted({w for t in texts for w in t.lower().split()})
+        words = sorted({w for t in texts for w in _words(t)})
         self.vocab: Dict[str, int] = {w: i + len(self.SPECIAL) for i, w in enumerate(words)}
         self.length = length
 
@@ -95,7 +114,7 @@ class WordTokenizer:
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         ids = torch.full((len(texts), self.length), self.EOS, dtype=torch.long)
         for row, text in enumerate(texts):
-            words = text.lower().split()
+            words = _words(text)
             unknown = [w for w in words if w not in self.vocab]
             if unknown:
                 raise ValueError(f"word {unknown[0]!r} is not in the demonstration's vocabulary")
