@@ -40,6 +40,26 @@ def test_info_line_family_dimensions_and_fit(library):
     assert "fit: unknown until a checkpoint is loaded" in panel.info_html(library, "style <b>", None)
 
 
+def test_info_line_says_how_the_adapter_was_made(tmp_path):
+    """The trainer's metadata: a distilled adapter shows η and its phrase pairs, a data-trained one its
+    image count; anything else (a hand-made file, odd values) adds nothing."""
+    from vmix_lib.adapter_file import save_adapter
+
+    adapter = write_adapter(tmp_path / "plain.safetensors")
+    distill = {"objective": "distill", "eta": 1.5, "phrases": {
+        "color": {"positive": "vibrant colors", "contrast": "dull <colors>"}, "lighting": {"positive": "golden hour", "contrast": ""}}}
+    save_adapter(adapter, str(tmp_path / "distilled.safetensors"), training=distill)
+    save_adapter(adapter, str(tmp_path / "data.safetensors"), training={"objective": "data", "images": 1200})
+    save_adapter(adapter, str(tmp_path / "odd.safetensors"), training={"objective": "distill", "eta": "x", "phrases": ["no"]})
+    library = AdapterLibrary(lambda: str(tmp_path))
+    text = panel.info_html(library, "distilled", SD15)
+    assert ("trained at λ 1 · distilled from prompt pairs (η 1.5): color: &#x27;vibrant colors&#x27; vs &#x27;dull &lt;colors&gt;&#x27;, "
+            "lighting: &#x27;golden hour&#x27; · fits the loaded checkpoint") in text
+    assert "trained at λ 1 · trained on 1200 labelled images · fits" in panel.info_html(library, "data", SD15)
+    assert "trained at λ 1 · distilled from prompt pairs · fits" in panel.info_html(library, "odd", SD15)
+    assert "trained at λ 1 · fits" in panel.info_html(library, "plain", SD15)
+
+
 def test_info_line_problems_are_escaped_sentences(library):
     assert "⚠ VMix adapter &#x27;broken.safetensors&#x27;" in panel.info_html(library, "broken", SD15)
     missing = panel.info_html(library, "<script>", SD15)

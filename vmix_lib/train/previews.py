@@ -125,7 +125,8 @@ def lambda_sweep(
     """
     import contextlib
 
-    saved_strength = mixer.strength
+    saved_strength, saved_rows = mixer.strength, mixer.row_strengths
+    mixer.row_strengths = None  # a training step's per-row factors (the mirrored λ = −1) are not the preview's
     cond, added_c = encode(list(prompts))
     uncond, added_u = encode([""] * len(prompts))
     device = device or cond.device
@@ -150,6 +151,6 @@ def lambda_sweep(
                 )
             columns.append(decode(latents))
     finally:
-        mixer.strength = saved_strength  # the next training step sets its own per-row f_a
+        mixer.strength, mixer.row_strengths = saved_strength, saved_rows  # the next step sets its own per-row f_a
     rows = [[_to_pil(columns[c][r]) for c in range(len(lambdas))] for r in range(len(prompts))]
     return make_grid(rows, [f"lambda {lam:g}" for lam in lambdas], title, row_labels=row_labels)

@@ -167,10 +167,30 @@ def _line(library: AdapterLibrary, selected: Optional[str], model: Optional[Fami
         shown += f" (+{len(dims) - MAX_DIMENSION_SLOTS} more, API and X/Y/Z only)"
     fit = fit_text(info, model)
     css = "vmix-info" if model is None or model.family == info.family else "vmix-info vmix-warning"
+    made = training_text(info.training)
     return (
         f"<span class='{css}'>{esc(info.family_title)} adapter · {len(dims)} dimensions: {esc(shown)} · "
-        f"trained at λ {info.train_lambda:g} · {esc(fit)}</span>"
+        f"trained at λ {info.train_lambda:g}{' · ' + esc(made) if made else ''} · {esc(fit)}</span>"
     ), hint_map
+
+
+def training_text(training: Dict) -> str:
+    """How the file's adapter was made, from its training metadata: the objective, and for a
+    distilled adapter η and each dimension's phrase pair ("" when the file does not say)."""
+    objective = training.get("objective") if isinstance(training, dict) else None
+    if objective == "data" and isinstance(training.get("images"), int):
+        return f"trained on {training['images']} labelled images"
+    if objective != "distill":
+        return ""
+    phrases = training.get("phrases") if isinstance(training.get("phrases"), dict) else {}
+    pairs = []
+    for name, pair in phrases.items():
+        if isinstance(pair, dict):
+            positive, contrast = str(pair.get("positive", "")), str(pair.get("contrast", ""))
+            pairs.append(f"{name}: '{positive}'" + (f" vs '{contrast}'" if contrast else ""))
+    eta = training.get("eta")
+    head = "distilled from prompt pairs" + (f" (η {eta:g})" if isinstance(eta, (int, float)) else "")
+    return head + (": " + ", ".join(pairs) if pairs else "")
 
 
 def dimensions_of(library: AdapterLibrary, selected: Optional[str]) -> Optional[List[AestheticDimension]]:
