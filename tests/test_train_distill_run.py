@@ -56,7 +56,9 @@ def test_distill_run_writes_every_output_and_records_how_it_was_made(tiny_sd15, 
                       "--prompts-file", prompts_file, "--phrase", "color=vibrant colors|dull colors",
                       "--phrase", "lighting=golden hour", "--eta", "1.5", "--mirror"))
     assert code == 0
-    log = capsys.readouterr().out
+    captured = capsys.readouterr()
+    log = captured.out
+    assert "dir=" in captured.err  # the progress bar shows the size of η·ΣΔ
     assert "objective distill\n  distill: 3 content prompts (" + prompts_file + "); phrases: color 'vibrant colors' vs 'dull colors'; " \
            "lighting 'golden hour' vs ''; composition 'proportional composition' vs ''" in log
     assert "η 1.5; x_t: 4-step DDIM of the student with CFG 3, loss at timesteps 0-999; mirrored" in log

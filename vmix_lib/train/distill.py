@@ -626,6 +626,10 @@ class DistillTraining(Objective):
     def preview_prompts(self) -> List[str]:
         return self.prompts[:2]
 
+    def progress(self) -> Dict[str, str]:
+        # The size of η·ΣΔ in the newest micro-batch: near 0 means the phrases give nothing to learn.
+        return {"dir": f"{self.last.direction_rms:.3g}"} if self.last is not None else {}
+
 
 def make_distill_objective(cfg, family: str, size_multiple: int, log: Callable[[str], None]) -> DistillTraining:
     return DistillTraining.from_config(cfg, family, size_multiple, log)

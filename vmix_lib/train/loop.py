@@ -122,6 +122,7 @@ class Objective:
     ``fingerprint() -> dict``        settings a resume must not change (else the run refuses)
     ``facts() -> dict``              added to the adapter file's "training" metadata
     ``preview_prompts() -> [str]``   prompts of the λ-sweep previews when the config names none
+    ``progress() -> {name: text}``   extra fields for the progress bar after a step (main process)
     ``close()``                      release workers and files
 
     Randomness: draw per sample from ``runtime.sample_generator(seed, serial)`` (serial = the
@@ -157,6 +158,9 @@ class Objective:
 
     def preview_prompts(self) -> List[str]:
         return []
+
+    def progress(self) -> Dict[str, str]:
+        return {}
 
     def close(self) -> None:
         pass

@@ -286,7 +286,7 @@ def run_training(cfg: TrainConfig, dry_run: bool = False, log: Callable[[str], N
             step = trainer.step
             if is_main:
                 loss_log.append(step, loss, trainer.lr_at(step - 1), time.monotonic() - started)
-                bar.set_postfix(loss=f"{loss:.4f}", avg=f"{smoothed:.4f}", lr=f"{trainer.lr_at(step - 1):.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", avg=f"{smoothed:.4f}", lr=f"{trainer.lr_at(step - 1):.2e}", **objective.progress())
             bar.update(1)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 last_saved = save(step, final=False)
