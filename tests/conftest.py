@@ -148,3 +148,18 @@ def webui():
 def attn2_layouts():
     """Real A1111 v1.10.1 attn2 inventories of SD1.5 and SDXL (copied from the shared fixture)."""
     return json.loads((DATA_DIR / "webui_attn2_layers.json").read_text())
+
+
+# -- a tiny random CLIP in a folder, loaded by path as a user's real one (scoring, evaluate) ----------
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    from vmix_lib.scoring.tiny import write_tiny_clip
+
+    return write_tiny_clip(str(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="module")
+def clip(clip_dir):
+    from vmix_lib.scoring.clip import load_clip
+
+    return load_clip(clip_dir)

@@ -13,18 +13,7 @@ from vmix_lib.evaluate.cli import main
 from vmix_lib.evaluate.errors import EvaluationError
 from vmix_lib.evaluate.prompts import MJHQ_CATEGORIES, builtin_prompts, load_prompts
 from vmix_lib.evaluate.settings import AdapterRef, build_settings, parse_lambdas
-from vmix_lib.scoring.clip import load_clip
-from vmix_lib.scoring.tiny import write_random_predictor, write_tiny_clip
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return write_tiny_clip(str(tmp_path_factory.mktemp("clip")))
-
-
-@pytest.fixture(scope="module")
-def clip(clip_dir):
-    return load_clip(clip_dir)
+from vmix_lib.scoring.tiny import write_random_predictor
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,6 @@ from vmix_lib.scoring.probes import (DEFAULT_PROBES, antonym_probability, defaul
 from vmix_lib.scoring.tiny import random_predictor_state, write_random_predictor, write_tiny_clip
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return write_tiny_clip(str(tmp_path_factory.mktemp("clip")))
-
-
-@pytest.fixture(scope="module")
-def clip(clip_dir):
-    return load_clip(clip_dir)
-
-
 def _pictures(n=4, size=(40, 30)):
     return [Image.new("RGB", size, (40 * i, 200 - 30 * i, 90)) for i in range(n)]
 
