@@ -492,17 +492,17 @@ class DistillTraining(Objective):
         self.core, self.encode = core, encode
         self.position = 0
         self.cfg = None
-        self.last: Optional[DistillLoss] = None  # the newest micro-batch's details (direction_rms, timestep, ...)
+        self.last_direction_rms: Optional[float] = None  # of the newest micro-batch (only the number: no graph kept)
 
     # -- the loss ---------------------------------------------------------------------------
     def loss(self, model, batch) -> torch.Tensor:
         if isinstance(batch, DistillBatch):
             out = self.core.loss(model.unet_forward, model.mixer, self.encode, batch.prompts, None, draw=batch.draw)
-            self.last = out
+            self.last_direction_rms = out.direction_rms
             weights = batch.weights.to(out.per_sample.device, out.per_sample.dtype)
             return (out.per_sample * weights).sum() * batch.loss_scale
         out = self.core.loss(model.unet_forward, model.mixer, self.encode, list(batch), model.generator)
-        self.last = out
+        self.last_direction_rms = out.direction_rms
         return out.loss
 
     # -- a whole run --------------------------------------------------------------------------
@@ -628,7 +628,7 @@ class DistillTraining(Objective):
 
     def progress(self) -> Dict[str, str]:
         # The size of η·ΣΔ in the newest micro-batch: near 0 means the phrases give nothing to learn.
-        return {"dir": f"{self.last.direction_rms:.3g}"} if self.last is not None else {}
+        return {"dir": f"{self.last_direction_rms:.3g}"} if self.last_direction_rms is not None else {}
 
 
 def make_distill_objective(cfg, family: str, size_multiple: int, log: Callable[[str], None]) -> DistillTraining:
