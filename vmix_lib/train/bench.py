@@ -14,6 +14,9 @@ how long it waited for other jobs), on a GPU in wall time after a synchronisatio
 running several, not an overhead of the wrapping).  The default model is the trainer's tiny SD1.5
 test model, whose short steps make any fixed per-step cost show the most; ``--unet sd15`` uses the
 real SD1.5 UNet configuration (random weights).  ``--device cuda`` runs the same on a GPU.
+
+``--distill-teacher`` times instead the distill objective's teacher passes: one batched UNet call
+per micro-batch (the trainer's way) against one call per row, and checks they agree.
 """
 from __future__ import annotations
 
@@ -140,6 +143,49 @@ def run(kind: str, latent: int, batch: int, accumulation: int, rounds: int, step
     }
 
 
+def run_teacher(kind: str, latent: int, batch: int, rounds: int, steps: int, warmup: int, device: torch.device) -> dict:
+    """The distill objective's teacher (vmix_lib/train/distill.py) two ways on the same rows: one
+    batched UNet call per micro-batch (what the trainer does) against one call per row.  Every
+    dimension superior with a contrast phrase: 1 + 2·6 = 13 rows per sample."""
+    from .distill import DistillConfig, DistillObjective, EncodedTexts, PhrasePair
+
+    unet = _unet(kind, device)
+    context_dim = unet.config.cross_attention_dim
+    acp = alphas_cumprod_from({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                               "num_train_timesteps": 1000})
+    phrases = [PhrasePair(d.positive, "dull " + d.name) for d in DEFAULT_DIMENSIONS]
+    make = lambda rows: DistillObjective(DEFAULT_DIMENSIONS, acp, "epsilon", (4, latent, latent),
+                                         DistillConfig(max_teacher_rows=rows), phrases)
+    batched, looped = make(None), make(1)
+    prompts = [f"prompt {i}" for i in range(batch)]
+    layout = batched.teacher_layout(prompts, torch.ones(batch, len(DEFAULT_DIMENSIONS)))
+    g = torch.Generator().manual_seed(4)
+    table = {t: torch.randn(77, context_dim, generator=g) for t in dict.fromkeys(layout.texts)}
+    texts = EncodedTexts.of(lambda ts: (torch.stack([table[t] for t in ts]).to(device), None), layout.texts)
+    x_t = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    forward = diffusers_unet_forward(unet)
+    runners = {name: (lambda _, o=o: o.teacher_outputs(forward, texts, layout, x_t, 500)) for name, o in
+               (("batched", batched), ("looped", looped))}
+    outputs = {name: run(None) for name, run in runners.items()}
+    for run in runners.values():
+        for _ in range(warmup):
+            run(None)
+    times = {"batched": [], "looped": []}
+    ratios: List[float] = []
+    for r in range(rounds):
+        medians = {}
+        for name in (("batched", "looped") if r % 2 == 0 else ("looped", "batched")):
+            samples = [_time(runners[name], None, device) for _ in range(steps)]
+            times[name].extend(samples)
+            medians[name] = statistics.median(samples)
+        ratios.append(medians["looped"] / medians["batched"])
+    return {
+        "rows": len(layout.texts), "batched": statistics.median(times["batched"]), "looped": statistics.median(times["looped"]),
+        "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "max_diff": float((outputs["batched"] - outputs["looped"]).abs().max()),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmix_lib.train.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--unet", choices=("tiny", "sd15"), default="tiny", help="tiny test UNet, or the real SD1.5 layout")
@@ -152,16 +198,28 @@ def main(argv=None) -> int:
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--distill-teacher", action="store_true",
+                        help="instead: the distill objective's teacher, one batched UNet call against one call per row")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = "wall" if device.type == "cuda" else "CPU"
+    if args.distill_teacher:
+        result = run_teacher(args.unet, args.latent, args.batch, args.rounds, args.steps, args.warmup, device)
+        print(f"Distill teacher, one batched call vs one call per row: UNet {args.unet}, latent {args.latent}x{args.latent}, "
+              f"{args.batch} samples x 13 rows = {result['rows']} rows, {device}, {torch.get_num_threads()} threads, "
+              f"torch {torch.__version__}")
+        print(f"  batched  median {result['batched'] * 1e3:9.2f} ms per micro-batch ({clock} time)")
+        print(f"  per row  median {result['looped'] * 1e3:9.2f} ms per micro-batch ({clock} time)")
+        print(f"  per row / batched, median of {args.rounds} paired rounds: {result['ratio']:.3f} "
+              f"(range {result['ratio_min']:.3f}-{result['ratio_max']:.3f}); max |difference| {result['max_diff']:.2e}")
+        return 0
     print(f"VMix trainer step, plain PyTorch vs accelerate: UNet {args.unet}, latent {args.latent}x{args.latent}, "
           f"batch {args.batch} x accumulation {args.accumulation}, LoRA rank {args.lora_rank}, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     result = run(args.unet, args.latent, args.batch, args.accumulation, args.rounds, args.steps, args.warmup,
                  args.lora_rank, device)
-    clock = "wall" if device.type == "cuda" else "CPU"
     print(f"  plain       median {result['plain'] * 1e3:9.2f} ms/step ({clock} time)")
     print(f"  accelerate  median {result['accelerate'] * 1e3:9.2f} ms/step ({clock} time)")
     print(f"  accelerate / plain, median of {args.rounds} paired rounds: {result['ratio']:.4f} "
