@@ -148,3 +148,13 @@ def webui():
 def attn2_layouts():
     """Real A1111 v1.10.1 attn2 inventories of SD1.5 and SDXL (copied from the shared fixture)."""
     return json.loads((DATA_DIR / "webui_attn2_layers.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_test_run(tmp_path_factory):
+    """The demonstration at its test scale (demo.TEST), trained once for tests/test_demo.py and
+    tests/test_demo_evaluate.py: (DemoRun with its models, the output folder)."""
+    from vmix_lib.demo import experiment as demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return demo.run_demo(demo.TEST, str(out), log=lambda message: None), out
