@@ -27,9 +27,14 @@ from vmix_lib.evaluate.settings import AdapterRef, build_settings
 from vmix_lib.evaluate.sources import CallableSource
 
 PROMPTS = 9  # the first 9 sweep prompts: every named position once
-# Mean paired saturation shift from off of "color" alone at λ = 2 over these 9 prompts, measured at
-# seeds 0, 1, 2 of demo.TEST: (data) MEASURED_DATA, (distill) MEASURED_DISTILL.
-MIN_COLOR_SATURATION_SHIFT = {"data": 0.05, "distill": 0.05}
+# Measured on these 9 prompts at seeds 0, 1, 2 of demo.TEST (seed 0 is the one run here), "color" and
+# "lighting" alone at λ = 2, paired shifts from off.  Saturation shift with color alone: (data)
+# 0.169, 0.152, 0.140 and (distill) 0.093, 0.070, 0.102, the lower ends of their 95 %
+# intervals all above 0 (lowest 0.016).  Color's saturation shift minus lighting's: (data) 0.297,
+# 0.174, 0.256 and (distill) 0.098, 0.150, 0.157; lighting's brightness shift minus color's: (data)
+# 0.152, 0.234, 0.308 and (distill) 0.088, 0.150, 0.193.
+MIN_COLOR_SATURATION_SHIFT = 0.03
+MIN_OWN_DIMENSION_LEAD = 0.04
 
 
 def _quiet(**kwargs):
@@ -79,8 +84,16 @@ def test_lambda_zero_is_off_pixel_for_pixel_and_in_every_number(evaluated):
 @pytest.mark.parametrize("adapter", ["data", "distill"])
 def test_color_alone_raises_saturation_over_off(evaluated, adapter):
     color = _by(evaluated[0])[f"{adapter} dims=color λ=2"]["saturation_shift"]
-    assert color["mean"] > MIN_COLOR_SATURATION_SHIFT[adapter], color
+    assert color["mean"] > MIN_COLOR_SATURATION_SHIFT, color
     assert color["ci95"][0] > 0, color  # the paired interval lies above 0
+
+
+@pytest.mark.parametrize("adapter", ["data", "distill"])
+def test_each_dimension_moves_what_it_names_more_than_the_other(evaluated, adapter):
+    by = _by(evaluated[0])
+    color, lighting = by[f"{adapter} dims=color λ=2"], by[f"{adapter} dims=lighting λ=2"]
+    assert color["saturation_shift"]["mean"] - lighting["saturation_shift"]["mean"] > MIN_OWN_DIMENSION_LEAD, (color, lighting)
+    assert lighting["brightness_shift"]["mean"] - color["brightness_shift"]["mean"] > MIN_OWN_DIMENSION_LEAD, (color, lighting)
 
 
 def test_outputs_are_written(evaluated):
