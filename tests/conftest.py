@@ -163,3 +163,14 @@ def clip(clip_dir):
     from vmix_lib.scoring.clip import load_clip
 
     return load_clip(clip_dir)
+
+
+# -- the demonstration at its test scale, trained once per session (test_demo, test_demo_evaluate) ----
+@pytest.fixture(scope="session")
+def demo_test_run(tmp_path_factory):
+    """The demonstration at its test scale (demo.TEST), trained once for tests/test_demo.py and
+    tests/test_demo_evaluate.py: (DemoRun with its models, the output folder)."""
+    from vmix_lib.demo import experiment as demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return demo.run_demo(demo.TEST, str(out), log=lambda message: None), out

@@ -39,9 +39,8 @@ MIN_PHRASE_BRIGHTNESS = 0.02
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return demo.run_demo(demo.TEST, str(out), log=lambda message: None), out
+def run(demo_test_run):
+    return demo_test_run  # trained once per session (tests/conftest.py), shared with tests/test_demo_evaluate.py
 
 
 def _setting(run, name, adapter="data"):

@@ -17,6 +17,9 @@
    through the extension's ValueMixer hook, compares every picture with the base model's picture
    of the same prompt and seed, prints the measured table (both adapters side by side) and writes
    grid.png, results.json and results.csv.
+5. With ``--evaluate DIR``: judges the same models with the evaluation tool (vmix_lib.evaluate,
+   through vmix_lib/demo/evaluation.py): bootstrap intervals, paired shifts from VMix off, the λ
+   trade-off plot, the grid and the HTML report.
 
 Only this demonstration needs diffusers and transformers; the extension never imports it.  The
 adapter stays in memory: the adapter file format holds the SD1.5 and SDXL layouts only, and
@@ -608,6 +611,8 @@ class DemoRun:
     results: List[SweepResult]  # every adapter's, in cfg.adapters order
     base_images: torch.Tensor  # the base model's samples, same prompts and seeds
     index: torch.Tensor  # caption index of each sweep prompt
+    base: Optional[BaseModel] = None  # the trained models, frozen (for vmix_lib/demo/evaluation.py)
+    adapters: Dict[str, VMixAdapter] = field(default_factory=dict)
 
     def of(self, adapter: str) -> List[SweepResult]:
         return [r for r in self.results if r.adapter == adapter]
@@ -652,7 +657,7 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, log: Callable[[str]
     }
     if out_dir:
         write_outputs(out_dir, report, results, index, cfg)
-    return DemoRun(report, results, base_images, index)
+    return DemoRun(report, results, base_images, index, base, adapters)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -669,6 +674,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--adapters", choices=("both", "data", "distill"), default="both",
                         help="which adapters to train and measure (default: both, side by side)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default: 1; more is faster on an idle machine, and the numbers then differ slightly)")
+    parser.add_argument("--evaluate", metavar="DIR", help="then judge the models with the evaluation tool (python -m vmix_lib.evaluate): "
+                        "VMix off, the λ sweep, each dimension alone, both adapters; CSV/JSON with 95%% intervals, trade-off plot, "
+                        "grid and report.html in DIR (a rerun with the same settings makes no image again)")
+    parser.add_argument("--clip", metavar="DIR", help="with --evaluate: a CLIP model folder, adding CLIP score, probes and CLIP "
+                        "content similarity to the demo's own measures")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
@@ -686,6 +696,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as e:
         print(f"VMix demo: cannot write to {args.out!r} ({e.strerror or e}); choose another folder with --out.", file=sys.stderr)
         return 1
+    if args.clip and not args.evaluate:
+        parser.error("--clip is a setting of --evaluate DIR")
+    if args.evaluate:
+        from ..evaluate.errors import EvaluationError
+        from .evaluation import check_folder
+
+        try:
+            check_folder(args.evaluate, cfg)
+            os.makedirs(args.evaluate, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.evaluate):
+                pass
+        except EvaluationError as e:
+            print(f"VMix demo: {e}.", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"VMix demo: cannot write to {args.evaluate!r} ({e.strerror or e}); choose another folder with --evaluate.", file=sys.stderr)
+            return 1
     log = lambda message: print(message, file=sys.stderr, flush=True)
     run = run_demo(cfg, args.out, log)
     drawn, words = run.report["base_model_draws_the_caption"], run.report["base_model_with_phrases"]
@@ -714,6 +741,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{c['max_shift_px']:.2f} px; same position >= {c['min_same_position']:.0%}, hue >= {c['min_same_hue']:.0%}, "
               f"shape >= {c['min_same_shape']:.0%} (read off the pictures)")
     print(f"wrote {os.path.join(args.out, 'grid.png')}, results.json and results.csv in {run.report['seconds']:.0f} s")
+    if args.evaluate:
+        return evaluate_run(run, cfg, args.evaluate, args.clip, log)
+    return 0
+
+
+def evaluate_run(run: DemoRun, cfg: DemoConfig, out_dir: str, clip: Optional[str], log: Callable[[str], None]) -> int:
+    """--evaluate: the evaluation tool on the models just trained; prints its table, as python -m vmix_lib.evaluate does."""
+    from ..evaluate.cli import print_summary
+    from ..evaluate.errors import EvaluationError
+    from .evaluation import SUMMARY_KEYS, demo_metrics, evaluate_demo
+
+    log(f"Evaluating with vmix_lib.evaluate in {out_dir}")
+    try:
+        results = evaluate_demo(run.base, run.adapters, cfg, out_dir, clip, log=log)
+    except EvaluationError as e:
+        print(f"VMix demo: {e}.".replace("..", "."), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nVMix demo: evaluation interrupted; rerun the same command to continue (images already made are kept).", file=sys.stderr)
+        return 130
+    print()
+    keys = (*SUMMARY_KEYS, *(("clip_score", "content_similarity") if clip else ()))
+    print_summary(results, keys=keys, titles=demo_metrics().titles | {"saturation_shift": "saturation Δ", "brightness_shift": "brightness Δ"})
+    for c in results.get("lambda0_equals_off", []):
+        print(f"{c['setting']} vs {c['baseline']}: {c['identical']}/{c['pairs']} images identical pixel for pixel")
+    print(f"report: {results['files']['html']}")
     return 0
 
 

@@ -153,15 +153,16 @@ def options_from_args(args) -> "object":
     )
 
 
-def print_summary(results, out=None) -> None:
+def print_summary(results, out=None, keys=("aes", "clip_score", "content_similarity"), titles=None) -> None:
+    """The per-setting table: each of ``keys`` (metric keys; ``titles`` names other than the default ones) with its interval."""
     out = out or sys.stdout
     rows = results.get("settings") or []
     if not rows:
         return
     width = max(len(s["setting"]) for s in rows)
-    keys = [k for k in ("aes", "clip_score", "content_similarity") if any(k in s for s in rows)]
-    head = {"aes": "Aes score", "clip_score": "CLIP score", "content_similarity": "content kept"}
-    print(f"{'setting':<{width}}  {'n':>4}  " + "  ".join(f"{head[k]:>24}" for k in keys) + "  FID (KID)", file=out)
+    keys = [k for k in keys if any(k in s for s in rows)]
+    head = {"aes": "Aes score", "clip_score": "CLIP score", "content_similarity": "content kept", **(titles or {})}
+    print(f"{'setting':<{width}}  {'n':>4}  " + "  ".join(f"{head.get(k, k):>24}" for k in keys) + "  FID (KID)", file=out)
     for s in rows:
         cells = []
         for k in keys:

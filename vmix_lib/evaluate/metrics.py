@@ -16,13 +16,15 @@
 - **Content kept**: cosine similarity of CLIP image embeddings with the VMix-off image of the same
   prompt and seed.
 - **Intervals**: percentile bootstrap (seeded) over images, 95 %.
+- **Your own numbers** (``ImageMetric``, the Python API): measured on the pictures themselves,
+  each with its bootstrap interval and its paired shift from the baseline, like the metrics above.
 """
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,6 +91,26 @@ def torchmetrics_clip_score(clip):
 
 def pil_to_uint8(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+# -- extra numbers measured on the pictures ------------------------------------------------------
+@dataclass
+class ImageMetric:
+    """Numbers a caller measures on the pictures (``Options.image_metrics``), e.g. a model's own
+    measures where CLIP would say little.  Each key becomes a column of the report with its
+    bootstrap interval, and ``measure``'s keys also ``KEY_shift``, the paired shift from the
+    baseline image of the same prompt and seed.
+
+    measure(images) -> one {key: value} per image (PIL RGB images, as stored)
+    compare(images, baselines) -> one {key: value} per pair (image vs the baseline's image);
+                                 not computed for the baseline itself
+    """
+
+    name: str
+    measure: Optional[Callable[[List[Any]], List[Dict[str, float]]]] = None
+    compare: Optional[Callable[[List[Any], List[Any]], List[Dict[str, float]]]] = None
+    titles: Dict[str, str] = field(default_factory=dict)  # key -> column title in the report
+    about: str = ""  # one sentence for the report's "What the numbers mean"
 
 
 # -- intervals -------------------------------------------------------------------------------

@@ -21,14 +21,33 @@ METRIC_TITLES = {
 }
 
 
-def _title(key: str) -> str:
+DEFAULT_AXES = ("clip_score", "aes")  # the trade-off plot's (x, y): the paper's Fig. 7b
+_SHORT = {"aes": "Aes", "clip_score": "CLIP"}  # image captions
+
+
+def _title(key: str, titles: Optional[Dict[str, str]] = None) -> str:
+    """Column title of a metric key; ``titles``: those of the run's ImageMetrics."""
+    titles = titles or {}
+    if key in titles:
+        return titles[key]
     if key in METRIC_TITLES:
         return METRIC_TITLES[key]
     if key.startswith("probe_"):
         return f"probe {key[6:]}"
     if key.startswith("shift_"):
         return f"{key[6:]} Δ vs off"
+    if key.endswith("_shift"):
+        return f"{_title(key[:-6], titles)} Δ vs off"
     return key
+
+
+def _cell_caption(v: Dict[str, float], axes: Sequence[str], titles: Optional[Dict[str, str]], sep: str) -> str:
+    """The trade-off axes' values of one image (y first): "Aes 5.12 | CLIP 30.1" by default."""
+    parts = []
+    for key in (axes[1], axes[0]):
+        if key in v:
+            parts.append(f"{_SHORT.get(key) or _title(key, titles)} {v[key]:.{1 if key == 'clip_score' else 2}f}")
+    return sep.join(parts)
 
 
 def _fmt(value: Optional[float], digits: int = 3) -> str:
@@ -43,15 +62,16 @@ def _plain(text: str) -> str:
     return text.replace("λ", "lambda ").replace("–", "-").replace("·", "|")
 
 
-def _metric_keys(summary: Sequence[Dict[str, Any]]) -> List[str]:
-    order = ["aes", "clip_score", "content_similarity", "aes_shift", "clip_score_shift"]
+def _metric_keys(summary: Sequence[Dict[str, Any]], extra: Sequence[str] = ()) -> List[str]:
+    """Metric keys in report order: the CLIP-based ones, then ``extra`` (ImageMetric keys), shifts, the rest."""
+    order = ["aes", "clip_score", "content_similarity", "aes_shift", "clip_score_shift", *extra]
     keys = {k for s in summary for k, v in s.items() if isinstance(v, dict) and "ci95" in v}
     rest = sorted(k for k in keys if k not in order)
     return [k for k in order if k in keys] + [k for k in rest if k.startswith("shift_")] + [k for k in rest if not k.startswith("shift_")]
 
 
 # -- CSV / JSON --------------------------------------------------------------------------------
-def write_tables(out_dir: str, rows, scored, results) -> Dict[str, str]:
+def write_tables(out_dir: str, rows, scored, results, extra: Sequence[str] = ()) -> Dict[str, str]:
     folder = os.path.join(out_dir, "results")
     os.makedirs(folder, exist_ok=True)
     values = scored["values"]
@@ -67,7 +87,7 @@ def write_tables(out_dir: str, rows, scored, results) -> Dict[str, str]:
                              *[repr(v[k]) if k in v else "" for k in keys], r.info.get("seconds", ""), r.info.get("note", ""), r.failure])
     per_setting = os.path.join(folder, "per_setting.csv")
     summary = results["settings"]
-    metric_keys = _metric_keys(summary)
+    metric_keys = _metric_keys(summary, extra)
     with open(per_setting, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         head = ["setting", "kind", "adapter", "strength", "alphas", "images", "failed"]
@@ -100,21 +120,22 @@ def write_tables(out_dir: str, rows, scored, results) -> Dict[str, str]:
 
 
 # -- the λ trade-off plot (paper Fig. 7b) ---------------------------------------------------------
-def tradeoff_series(summary: Sequence[Dict[str, Any]], baselines: Dict[str, str]) -> List[Dict[str, Any]]:
-    """One series per (group, adapter): the baseline point, then its λ points by strength."""
+def tradeoff_series(summary: Sequence[Dict[str, Any]], baselines: Dict[str, str], axes: Sequence[str] = DEFAULT_AXES) -> List[Dict[str, Any]]:
+    """One series per (group, adapter): the baseline point, then its λ points by strength; ``axes`` = (x, y) metric keys."""
+    x, y = axes
     series: Dict[Tuple[str, str], Dict[str, Any]] = {}
     by_name = {s["setting"]: s for s in summary}
     for s in summary:
-        if s.get("kind") != "lambda" or "aes" not in s or "clip_score" not in s:
+        if s.get("kind") != "lambda" or y not in s or x not in s:
             continue
         key = (s["group"], s.get("adapter") or "")
         entry = series.setdefault(key, {"name": s.get("adapter") or "", "group": s["group"], "points": []})
-        entry["points"].append((s["strength"], f"λ={s['strength']:g}", s["clip_score"], s["aes"]))
+        entry["points"].append((s["strength"], f"λ={s['strength']:g}", s[x], s[y]))
     out = []
     for (group, _), entry in series.items():
         entry["points"].sort(key=lambda p: p[0])
         base = by_name.get(baselines.get(group, ""))
-        entry["baseline"] = (base["clip_score"], base["aes"]) if base and "aes" in base and "clip_score" in base else None
+        entry["baseline"] = (base[x], base[y]) if base and y in base and x in base else None
         out.append(entry)
     return out
 
@@ -133,7 +154,9 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> List[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes score vs CLIP score over λ (paper Fig. 7b)") -> Optional[str]:
+def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes score vs CLIP score over λ (paper Fig. 7b)",
+                  labels: Sequence[str] = ("CLIP score", "Aes score")) -> Optional[str]:
+    """``labels``: (x, y) axis titles."""
     if not series:
         return None
     try:
@@ -142,7 +165,7 @@ def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes sco
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return _plot_tradeoff_pil(series, path, title)
+        return _plot_tradeoff_pil(series, path, title, labels)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=100)
     for i, s in enumerate(series):
         colour = tuple(c / 255 for c in _COLOURS[i % len(_COLOURS)])
@@ -161,8 +184,8 @@ def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes sco
     for lim, values in ((ax.set_xlim, means_x), (ax.set_ylim, means_y)):
         pad = max((max(values) - min(values)) * 0.25, 1e-3)
         lim(min(values) - pad, max(values) + pad)
-    ax.set_xlabel("CLIP score")
-    ax.set_ylabel("Aes score")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -172,7 +195,8 @@ def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes sco
     return path
 
 
-def _plot_tradeoff_pil(series: List[Dict[str, Any]], path: str, title: str, size=(760, 520)) -> str:
+def _plot_tradeoff_pil(series: List[Dict[str, Any]], path: str, title: str, labels: Sequence[str] = ("CLIP score", "Aes score"),
+                       size=(760, 520)) -> str:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, (255, 255, 255))
@@ -210,8 +234,8 @@ def _plot_tradeoff_pil(series: List[Dict[str, Any]], path: str, title: str, size
         draw.line((left, py, right, py), fill=(235, 235, 235))
         draw.text((8, py - 6), f"{round(t, 9):g}", fill=(0, 0, 0))
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
-    draw.text(((left + right) // 2 - 30, bottom + 25), "CLIP score", fill=(0, 0, 0))
-    draw.text((8, top - 20), "Aes score", fill=(0, 0, 0))
+    draw.text(((left + right) // 2 - 30, bottom + 25), _plain(labels[0]), fill=(0, 0, 0))
+    draw.text((8, top - 20), _plain(labels[1]), fill=(0, 0, 0))
     for i, s in enumerate(series):
         colour = _COLOURS[i % len(_COLOURS)]
         points = [xy(p[2]["mean"], p[3]["mean"]) for p in s["points"]]
@@ -266,7 +290,8 @@ def grid_rows(rows, scored, limit: int) -> Tuple[List[str], List[Tuple[Any, List
     return settings, [(prompts[k], [table.get((s, k)) for s in settings]) for k in keys]
 
 
-def draw_grid(rows, scored, path: str, limit: int = 8, tile: int = 160) -> Optional[str]:
+def draw_grid(rows, scored, path: str, limit: int = 8, tile: int = 160, axes: Sequence[str] = DEFAULT_AXES,
+              titles: Optional[Dict[str, str]] = None) -> Optional[str]:
     from PIL import Image, ImageDraw
 
     from ..scoring.images import read_image
@@ -300,9 +325,7 @@ def draw_grid(rows, scored, path: str, limit: int = 8, tile: int = 160) -> Optio
                 scale = tile // max(picture.size)
                 picture = picture.resize((picture.size[0] * scale, picture.size[1] * scale), Image.NEAREST)
             img.paste(picture, (x + (tile - picture.size[0]) // 2, y + (tile - picture.size[1]) // 2))
-            v = values[id(row)]
-            caption = (f"Aes {v['aes']:.2f} | " if "aes" in v else "") + f"CLIP {v['clip_score']:.1f}"
-            draw.text((x + 4, y + tile), caption, fill=(60, 60, 60))
+            draw.text((x + 4, y + tile), _plain(_cell_caption(values[id(row)], axes, titles, " | ")), fill=(60, 60, 60))
     img.save(path)
     return path
 
@@ -352,9 +375,11 @@ img.figure{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:
 """
 
 
-def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit: int) -> str:
+def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit: int, axes: Sequence[str] = DEFAULT_AXES,
+               image_metrics: Sequence[Any] = ()) -> str:
     summary = results["settings"]
-    keys = _metric_keys(summary)
+    titles = {k: t for m in image_metrics for k, t in m.titles.items()}
+    keys = _metric_keys(summary, _extra_keys(image_metrics))
     main_keys = [k for k in keys if not k.startswith(("shift_", "probe_"))]
     shift_keys = [k for k in keys if k.startswith("shift_")]
     e = html.escape
@@ -366,7 +391,7 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
     )
     parts.append(
         f"<p>{results['prompts']} prompts × {results['seeds_per_prompt']} seed(s), the same seed per prompt in every setting. "
-        f"Sources: {e(src)}. CLIP: <code>{e(str(results['clip']))}</code>; aesthetic predictor: <code>{e(str(results['aesthetic_predictor']))}</code>."
+        f"Sources: {e(src)}. CLIP: <code>{e(str(results['clip'] or 'none'))}</code>; aesthetic predictor: <code>{e(str(results['aesthetic_predictor']))}</code>."
         " Means with bootstrap 95 % intervals over images.</p>"
     )
     for note in results["notes"]:
@@ -380,7 +405,7 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
         parts.append(f"<p><small>{e(c['setting'])} against {e(c['baseline'])}: {c['identical']} of {c['pairs']} images identical pixel for pixel.</small></p>")
 
     parts.append("<h2>Per setting</h2><table><tr><th>setting</th><th>images</th>")
-    parts += [f"<th>{e(_title(k))}</th>" for k in main_keys]
+    parts += [f"<th>{e(_title(k, titles))}</th>" for k in main_keys]
     parts.append("<th>FID</th><th>KID</th></tr>")
     for s in summary:
         d = s.get("distance", {})
@@ -396,10 +421,16 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
     for note in dist_notes:
         parts.append(f"<div class='note'>{e(note)}</div>")
 
-    if files.get("tradeoff"):
+    if files.get("tradeoff") and tuple(axes) == DEFAULT_AXES:
         parts.append("<h2>λ trade-off (paper Fig. 7b)</h2><p>Aes score against CLIP score, one point per λ, the square VMix off; "
                      "bars: 95 % intervals over prompts (clipped to the frame). The paired shifts from VMix off in the table above "
                      "(Aes Δ, CLIP Δ) are the sharper test: the same prompts and seeds with and without VMix.</p>")
+    elif files.get("tradeoff"):
+        parts.append(f"<h2>λ trade-off</h2><p>{e(_title(axes[1], titles))} against {e(_title(axes[0], titles))}, one point per λ, "
+                     "the square VMix off (where it has both numbers); bars: 95 % intervals over prompts (clipped to the frame). "
+                     "The paired shifts from VMix off in the table above (Δ) are the sharper test: the same prompts and seeds "
+                     "with and without VMix.</p>")
+    if files.get("tradeoff"):
         parts.append(f"<img class='figure' src='{_data_uri(files['tradeoff'])}' alt='trade-off plot'>")
 
     if shift_keys:
@@ -441,7 +472,7 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
                     continue
                 v = values[id(row)]
                 link = os.path.relpath(row.path, out_dir) if row.generated_by is not None else row.path
-                caption = (f"Aes {v['aes']:.2f}<br>" if "aes" in v else "") + f"CLIP {v['clip_score']:.1f}"
+                caption = e(_cell_caption(v, axes, titles, "\n")).replace("\n", "<br>")
                 if "content_similarity" in v:
                     caption += f"<br>kept {v['content_similarity']:.3f}"
                 parts.append(f"<td><a href='{e(link)}'><img src='{_thumb_uri(row.path)}' alt=''></a><small>{caption}</small></td>")
@@ -458,7 +489,8 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
                  "<li><b>CLIP score</b>: 100 · cos(image, prompt) with CLIP ViT-L/14 (torchmetrics' definition); text fidelity. The paper's VMix keeps it within about ±0.5 of the base model.</li>"
                  "<li><b>content kept</b>: cosine similarity of CLIP image embeddings with the VMix-off image of the same prompt and seed (1 = same picture to CLIP).</li>"
                  "<li><b>FID/KID</b>: distance of a setting's images to the reference images; lower is closer. FID needs thousands of images; below that read KID.</li>"
-                 "<li><b>probes</b>: CLIP zero-shot antonym pairs per dimension (e.g. vibrant vs dull colors), 0–1, shown as the shift from VMix off.</li></ul>")
+                 "<li><b>probes</b>: CLIP zero-shot antonym pairs per dimension (e.g. vibrant vs dull colors), 0–1, shown as the shift from VMix off.</li>"
+                 + "".join(f"<li><b>{e(m.name)}</b>: {e(m.about)}</li>" for m in image_metrics if m.about) + "</ul>")
     parts.append(f"<p><small>Files: {', '.join(e(os.path.relpath(p, out_dir)) for k, p in files.items() if p)}.</small></p></body></html>")
     path = os.path.join(out_dir, "report.html")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -467,14 +499,27 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
     return path
 
 
+def _extra_keys(image_metrics: Sequence[Any]) -> List[str]:
+    """The ImageMetrics' keys in the order they name them, then their shifts."""
+    keys = [k for m in image_metrics for k in m.titles]
+    return keys + [f"{k}_shift" for k in keys]
+
+
 def write_all(out_dir: str, rows, scored, results, opts) -> Dict[str, str]:
-    files = write_tables(out_dir, rows, scored, results)
-    series = tradeoff_series(results["settings"], results["baselines"])
-    files["tradeoff"] = plot_tradeoff(series, os.path.join(out_dir, "tradeoff.png"))
+    axes, extra = tuple(opts.tradeoff), _extra_keys(opts.image_metrics)
+    titles = {k: t for m in opts.image_metrics for k, t in m.titles.items()}
+    files = write_tables(out_dir, rows, scored, results, extra)
+    series = tradeoff_series(results["settings"], results["baselines"], axes)
+    if axes == DEFAULT_AXES:
+        files["tradeoff"] = plot_tradeoff(series, os.path.join(out_dir, "tradeoff.png"))
+    else:
+        labels = (_title(axes[0], titles), _title(axes[1], titles))
+        files["tradeoff"] = plot_tradeoff(series, os.path.join(out_dir, "tradeoff.png"), f"{labels[1]} vs {labels[0]} over λ", labels)
     if not series:
-        results["notes"].append("no λ trade-off plot: it needs λ settings and an Aes score (--aesthetic)")
-    files["grid"] = draw_grid(rows, scored, os.path.join(out_dir, "grid.png"), opts.grid_prompts)
-    files["html"] = write_html(out_dir, rows, scored, results, files, opts.grid_prompts)
+        results["notes"].append("no λ trade-off plot: it needs λ settings and an Aes score (--aesthetic)" if axes == DEFAULT_AXES else
+                                f"no λ trade-off plot: it needs λ settings and the metrics {axes[0]} and {axes[1]}")
+    files["grid"] = draw_grid(rows, scored, os.path.join(out_dir, "grid.png"), opts.grid_prompts, axes=axes, titles=titles)
+    files["html"] = write_html(out_dir, rows, scored, results, files, opts.grid_prompts, axes, opts.image_metrics)
     # results.json was written before the pictures: write it again with the file list and notes.
-    files.update(write_tables(out_dir, rows, scored, dict(results, files={k: os.path.relpath(v, out_dir) for k, v in files.items() if v})))
+    files.update(write_tables(out_dir, rows, scored, dict(results, files={k: os.path.relpath(v, out_dir) for k, v in files.items() if v}), extra))
     return {k: v for k, v in files.items() if v}

@@ -6,7 +6,8 @@ Output folder:
     features/                                  cached image features per model (safe to delete)
     results/per_image.csv, per_setting.csv     every number, per image and per setting (95 % intervals)
     results/results.json                       the same, with the run's parameters and notes
-    tradeoff.png                               Aes score against CLIP score, one point per λ (paper Fig. 7b)
+    tradeoff.png                               Aes score against CLIP score, one point per λ (paper Fig. 7b;
+                                               Options.tradeoff names other axes)
     grid.png                                   rows = prompts, columns = settings
     report.html                                everything above in one page
 """
@@ -53,7 +54,7 @@ class Options:
     seeds_per_prompt: int = 1
     seed: int = 0
     baseline: Optional[str] = None  # setting the shifts and content similarity compare with (default: off)
-    clip: str = "openai/clip-vit-large-patch14"
+    clip: Optional[str] = "openai/clip-vit-large-patch14"  # None: no CLIP-based metric (image_metrics only)
     aesthetic: Optional[str] = None
     allow_download: bool = False
     reference: Optional[str] = None
@@ -67,6 +68,8 @@ class Options:
     cache_dir: Optional[str] = None
     resamples: int = 1000
     generate_only: bool = False
+    image_metrics: List[Any] = field(default_factory=list)  # metrics.ImageMetric: numbers measured on the pictures
+    tradeoff: Tuple[str, str] = ("clip_score", "aes")  # (x, y) metric keys of the λ trade-off plot
 
 
 def seeds_for(index: int, opts: Options) -> List[int]:
@@ -234,7 +237,7 @@ def _probes_for(opts: Options):
 
 @dataclass
 class Scorers:
-    clip: Any
+    clip: Optional[Any]
     predictor: Optional[Any]
     device: torch.device
 
@@ -246,6 +249,14 @@ def load_scorers(opts: Options) -> Scorers:
     from ..scoring.clip import load_clip
 
     device = resolve_device(opts.device)
+    if opts.clip is None:
+        if opts.aesthetic:
+            raise EvaluationError("the Aes score is computed on CLIP ViT-L/14 image embeddings: give a CLIP model (--clip) with --aesthetic")
+        if opts.reference and opts.fid_features == "clip":
+            raise EvaluationError("FID on CLIP features needs a CLIP model (--clip); or use --fid-features inception")
+        if not opts.image_metrics:
+            raise EvaluationError("nothing to measure: no CLIP model and no image metric")
+        return Scorers(None, None, device)
     try:
         predictor = load_aesthetic_predictor(opts.aesthetic, device=device) if opts.aesthetic else None
         clip = load_clip(opts.clip, device=device, allow_download=opts.allow_download)
@@ -265,49 +276,56 @@ def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[
 
     notes: List[str] = []
     clip, predictor, device = scorers.clip, scorers.predictor, scorers.device
-    if predictor is None:
+    if clip is None:
+        notes.append("no CLIP model was given, so there is no CLIP score, Aes score, probe or CLIP content similarity")
+    elif predictor is None:
         notes.append("no aesthetic predictor was given (--aesthetic sac+logos+ava1-l14-linearMSE.pth), so there is no Aes score")
     cache_root = opts.cache_dir or os.path.join(opts.out_dir, "features")
-    try:
-        cache = FeatureCache(cache_root, clip.identity)
-    except ScoringError as e:
-        raise EvaluationError(str(e)) from None
 
     ready = [r for r in rows if not r.failure and os.path.isfile(r.path)]
     missing = [r for r in rows if not r.failure and not os.path.isfile(r.path)]
     for r in missing:
         r.failure = "image file is missing"
     paths = list(dict.fromkeys(r.path for r in ready))
-    try:
-        result = embed_image_files(paths, cache, clip.pixel_values, clip.embed_pixels, opts.batch_size, opts.workers, progress,
-                                   desc="CLIP image features")
-    except ScoringError as e:
-        raise EvaluationError(str(e)) from None
-    embeds = dict(zip(result.paths, result.embeds))
-    for path, reason in result.failures:
+    embeds: Dict[str, torch.Tensor] = {}
+    failures: List[Tuple[str, str]] = []
+    computed = 0
+    if clip is not None:
+        try:
+            cache = FeatureCache(cache_root, clip.identity)
+            result = embed_image_files(paths, cache, clip.pixel_values, clip.embed_pixels, opts.batch_size, opts.workers, progress,
+                                       desc="CLIP image features")
+        except ScoringError as e:
+            raise EvaluationError(str(e)) from None
+        embeds = dict(zip(result.paths, result.embeds))
+        failures += result.failures
+        computed = result.computed
+    measured, measure_failures = measure_images(paths, opts.image_metrics, opts.batch_size, progress)
+    failures += measure_failures
+    for path, reason in dict(failures).items():
         for r in ready:
             if r.path == path:
                 r.failure = f"cannot be decoded ({reason})"
-    ready = [r for r in ready if r.path in embeds]
+    ready = [r for r in ready if not r.failure]
 
-    texts = list(dict.fromkeys(r.prompt.text for r in ready))
-    text_embeds = dict(zip(texts, clip.embed_texts(texts))) if texts else {}
-    probes = _probes_for(opts)
-    encoded = encode_probes(clip, probes)
-    values: Dict[int, Dict[str, float]] = {}
-    if ready:
+    probes = _probes_for(opts) if clip is not None else []
+    values: Dict[int, Dict[str, float]] = {id(r): dict(measured.get(r.path, {})) for r in ready}
+    if ready and clip is not None:
+        texts = list(dict.fromkeys(r.prompt.text for r in ready))
+        text_embeds = dict(zip(texts, clip.embed_texts(texts)))
+        encoded = encode_probes(clip, probes)
         img = torch.stack([embeds[r.path] for r in ready])
         txt = torch.stack([text_embeds[r.prompt.text] for r in ready])
         cs = metrics.clip_scores(img, txt)
         aes = predictor(img.to(device)).float().cpu() if predictor is not None else None
         pr = probe_scores(clip, img, probes, encoded)
         for i, r in enumerate(ready):
-            v = {"clip_score": float(cs[i])}
+            v = values[id(r)]
+            v["clip_score"] = float(cs[i])
             if aes is not None:
                 v["aes"] = float(aes[i])
             for p in probes:
                 v[f"probe_{p.name}"] = float(pr[p.name][i])
-            values[id(r)] = v
 
     # Pairing with the baseline of each group: shifts and content kept.
     groups: Dict[str, List[ImageRow]] = {}
@@ -324,17 +342,26 @@ def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[
         if base:
             baselines[group] = base
             ref = {r.pair_key: r for r in members if r.setting == base}
+            pairs = []
             for r in members:
                 b = ref.get(r.pair_key)
                 if b is None or r.setting == base:
                     continue
+                pairs.append((r, b))
                 v = values[id(r)]
+                for key in measured.get(r.path, {}):
+                    if key in values[id(b)]:
+                        v[f"{key}_shift"] = v[key] - values[id(b)][key]
+                if clip is None:
+                    continue
                 v["content_similarity"] = float(metrics.cosine(embeds[r.path], embeds[b.path]))
                 for p in probes:
                     v[f"shift_{p.name}"] = v[f"probe_{p.name}"] - values[id(b)][f"probe_{p.name}"]
                 if "aes" in v:
                     v["aes_shift"] = v["aes"] - values[id(b)]["aes"]
                 v["clip_score_shift"] = v["clip_score"] - values[id(b)]["clip_score"]
+            for (r, _), found in zip(pairs, compare_images([(r.path, b.path) for r, b in pairs], opts.image_metrics, opts.batch_size)):
+                values[id(r)].update(found)
 
     # Distances to a reference set.
     distances: Dict[str, Dict[str, Any]] = {}
@@ -367,7 +394,7 @@ def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[
 
     # The field's own CLIPScore on a few images, against the numbers above.
     check = None
-    if ready:
+    if ready and clip is not None:
         from ..scoring.images import read_image
 
         sample = ready[: min(8, len(ready))]
@@ -381,8 +408,68 @@ def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[
 
     return {
         "values": values, "ready": ready, "baselines": baselines, "distances": distances, "probes": [p.name for p in probes],
-        "notes": notes, "clip_identity": clip.identity, "clip_check": check, "computed_features": result.computed,
+        "notes": notes, "clip_identity": clip.identity if clip is not None else None, "clip_check": check,
+        "computed_features": computed,
     }
+
+
+def _batches(items: List[Any], size: int):
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + max(1, size)]
+
+
+def _checked(metric, found, count: int) -> List[Dict[str, float]]:
+    found = list(found)
+    if len(found) != count or not all(isinstance(d, dict) for d in found):
+        raise EvaluationError(f"image metric {metric.name!r} must return one dict of numbers per image ({count}), got {len(found)} item(s)")
+    return [{k: float(v) for k, v in d.items()} for d in found]
+
+
+def measure_images(paths: List[str], image_metrics: List[Any], batch_size: int, progress) -> Tuple[Dict[str, Dict[str, float]], List[Tuple[str, str]]]:
+    """Every ImageMetric's ``measure`` on every file: ({path: {key: value}}, [(path, why it failed)])."""
+    from ..scoring.images import read_image
+
+    wanted = [m for m in image_metrics if m.measure is not None]
+    out: Dict[str, Dict[str, float]] = {}
+    failures: List[Tuple[str, str]] = []
+    if not wanted or not paths:
+        return out, failures
+    bar = progress(total=len(paths), desc="image metrics", unit="img", dynamic_ncols=True)
+    try:
+        for chunk in _batches(paths, batch_size):
+            images, ok = [], []
+            for path in chunk:
+                try:
+                    images.append(read_image(path))
+                    ok.append(path)
+                except (OSError, ValueError) as e:
+                    failures.append((path, str(e) or type(e).__name__))
+            for path in ok:
+                out[path] = {}
+            for metric in wanted:
+                for path, found in zip(ok, _checked(metric, metric.measure(images), len(images))):
+                    out[path].update(found)
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+    return out, failures
+
+
+def compare_images(pairs: List[Tuple[str, str]], image_metrics: List[Any], batch_size: int) -> List[Dict[str, float]]:
+    """Every ImageMetric's ``compare`` on (image, baseline image) file pairs, one dict per pair."""
+    from ..scoring.images import read_image
+
+    wanted = [m for m in image_metrics if m.compare is not None]
+    out: List[Dict[str, float]] = [{} for _ in pairs]
+    if not wanted or not pairs:
+        return out
+    for start, chunk in zip(range(0, len(pairs), max(1, batch_size)), _batches(pairs, batch_size)):
+        images = [read_image(a) for a, _ in chunk]  # decoded once already by measure_images or CLIP
+        baselines = [read_image(b) for _, b in chunk]
+        for metric in wanted:
+            for i, found in enumerate(_checked(metric, metric.compare(images, baselines), len(chunk))):
+                out[start + i].update(found)
+    return out
 
 
 def identical_images(a: str, b: str) -> bool:
