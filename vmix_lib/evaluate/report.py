@@ -57,9 +57,19 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
 
 
+def _label_font():
+    """Pillow's built-in font at 12 px: at its default 10 px the spaces between words all but vanish."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=12)
+    except TypeError:  # Pillow < 10.1 has only the bitmap font
+        return ImageFont.load_default()
+
+
 def _plain(text: str) -> str:
     """Pillow's built-in font has no Greek letters."""
-    return text.replace("λ", "lambda ").replace("–", "-").replace("·", "|")
+    return text.replace("λ=", "lambda=").replace("λ", "lambda").replace("–", "-").replace("·", "|")
 
 
 def _metric_keys(summary: Sequence[Dict[str, Any]], extra: Sequence[str] = ()) -> List[str]:
@@ -201,6 +211,7 @@ def _plot_tradeoff_pil(series: List[Dict[str, Any]], path: str, title: str, labe
 
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
+    draw.font = _label_font()
     left, top, right, bottom = 70, 40, size[0] - 30, size[1] - 55
     xs, ys = [], []  # the frame fits the means: intervals over prompts can be far wider than λ's effect
     for s in series:
