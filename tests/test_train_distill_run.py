@@ -213,3 +213,15 @@ def test_two_processes_equal_one(tiny_sd15, tmp_path):
     assert set(a) == set(b)
     for key in a:
         assert torch.allclose(a[key], b[key], atol=2e-5, rtol=0), (key, (a[key] - b[key]).abs().max())
+
+
+def test_a_gpu_out_of_memory_is_one_sentence_naming_the_teacher_split(monkeypatch, capsys):
+    from vmix_lib.train import run
+
+    def out_of_memory(cfg, dry_run=False):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(run, "run_training", out_of_memory)
+    assert main(["--checkpoint", "x.safetensors", "--output-dir", "o", "--objective", "distill"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the GPU ran out of memory" in err and "set max_teacher_rows, e.g. 4" in err

@@ -36,7 +36,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         if isinstance(e, torch.cuda.OutOfMemoryError):
             print("vmix train: error: the GPU ran out of memory; lower batch_size (raise grad_accum to keep the "
-                  "global batch), turn on gradient_checkpointing, or lower the LoRA rank", file=sys.stderr)
+                  "global batch), turn on gradient_checkpointing, lower the LoRA rank, or (objective distill) set "
+                  "max_teacher_rows, e.g. 4", file=sys.stderr)
             return 2
         raise
     finally:
