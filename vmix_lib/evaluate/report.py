@@ -15,6 +15,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from ..scoring.images import label_font
+
 METRIC_TITLES = {
     "aes": "Aes score", "clip_score": "CLIP score", "content_similarity": "content kept",
     "aes_shift": "Aes Δ vs off", "clip_score_shift": "CLIP Δ vs off",
@@ -55,16 +57,6 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
         return "–"
     text = f"{value:.{digits}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.000"
-
-
-def _label_font():
-    """Pillow's built-in font at 12 px: at its default 10 px the spaces between words all but vanish."""
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1 has only the bitmap font
-        return ImageFont.load_default()
 
 
 def _plain(text: str) -> str:
@@ -211,7 +203,7 @@ def _plot_tradeoff_pil(series: List[Dict[str, Any]], path: str, title: str, labe
 
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    draw.font = _label_font()
+    draw.font = label_font()
     left, top, right, bottom = 70, 40, size[0] - 30, size[1] - 55
     xs, ys = [], []  # the frame fits the means: intervals over prompts can be far wider than λ's effect
     for s in series:

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..scoring.images import label_font
+
 _STYLE = """
 body{font-family:system-ui,sans-serif;margin:0 1.2em 2em;color:#222;background:#fafafa}
 nav{position:sticky;top:0;background:#fafafa;padding:.6em 0;border-bottom:1px solid #ddd;z-index:2}
@@ -176,12 +178,9 @@ def histogram_png(values: Sequence[float], threshold: Optional[float], title: st
 
 
 def _histogram_with_pil(values, counts, lo, hi, threshold, title, path, above, below, size=(480, 260)) -> str:
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
-    try:
-        font = ImageFont.load_default(size=12)  # Pillow's bundled FreeType font
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font
-        font = ImageFont.load_default()
+    font = label_font()
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
     left, top, right, bottom = 44, 30, size[0] - 12, size[1] - 38

@@ -1,4 +1,5 @@
-"""Finding and decoding images: recursive listing, full decode, alpha flattened onto white."""
+"""Finding and decoding images: recursive listing, full decode, alpha flattened onto white; the
+font of the pictures the tools draw."""
 from __future__ import annotations
 
 import os
@@ -55,3 +56,14 @@ def image_size(path: str) -> Tuple[int, int]:
 
     with Image.open(path) as img:
         return img.size
+
+
+def label_font(size: int = 12):
+    """Pillow's bundled FreeType font at ``size`` px, for plots drawn without matplotlib (at its
+    default 10 px the spaces between words all but vanish); the bitmap font where FreeType is missing."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1, or built without FreeType
+        return ImageFont.load_default()

@@ -33,7 +33,7 @@ from ..dimensions import DEFAULT_DIMENSIONS
 from ..hook import ValueMixer
 from ..mixing import VMixAdapter
 from ..training_step import aesthetic_context_for_batch, diffusion_loss
-from .checkpoint_loading import alphas_cumprod_from, clean_config, shipped_unet_config
+from .checkpoint_loading import alphas_cumprod_from, clean_config, model_configs, shipped_unet_config
 from .loop import AdapterTrainer, TrainBatch, diffusers_unet_forward
 from .lora import LoRANetwork
 from .tiny_models import tiny_configs
@@ -108,8 +108,7 @@ def run(kind: str, latent: int, batch: int, accumulation: int, rounds: int, step
                    (torch.rand(batch, len(DEFAULT_DIMENSIONS), generator=g) < 0.5).float().to(device))
         for _ in range(accumulation)
     ]
-    acp = alphas_cumprod_from({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                               "num_train_timesteps": 1000})
+    acp = alphas_cumprod_from(model_configs("sd15")["scheduler"])  # the shipped SD schedule
     runners = {}
     for name in ("plain", "accelerate"):
         unet = copy.deepcopy(base)
@@ -151,8 +150,7 @@ def run_teacher(kind: str, latent: int, batch: int, rounds: int, steps: int, war
 
     unet = _unet(kind, device)
     context_dim = unet.config.cross_attention_dim
-    acp = alphas_cumprod_from({"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                               "num_train_timesteps": 1000})
+    acp = alphas_cumprod_from(model_configs("sd15")["scheduler"])  # the shipped SD schedule
     phrases = [PhrasePair(d.positive, "dull " + d.name) for d in DEFAULT_DIMENSIONS]
     make = lambda rows: DistillObjective(DEFAULT_DIMENSIONS, acp, "epsilon", (4, latent, latent),
                                          DistillConfig(max_teacher_rows=rows), phrases)

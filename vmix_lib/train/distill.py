@@ -63,7 +63,7 @@ from ..dimensions import AestheticDimension
 from ..hook import ValueMixer
 from .errors import TrainError
 from .loop import Objective
-from .previews import ddim_timesteps
+from .previews import ddim_timesteps, x0_and_eps
 from .runtime import sample_generator, split_for_process
 
 # (x_t, t, context, added_cond or None) -> the model's output (ε or v); loop.py's UnetForward.
@@ -214,12 +214,7 @@ class DistillObjective:
 
     # -- the sampler x_t comes from --------------------------------------------------------
     def _x0_eps(self, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.prediction == "v_prediction":
-            x0 = a.sqrt() * x - (1 - a).sqrt() * out
-            eps = a.sqrt() * out + (1 - a).sqrt() * x
-        else:
-            eps = out
-            x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        x0, eps = x0_and_eps(out, x, a, self.prediction)
         if self.config.clip_sample is not None:
             x0 = x0.clamp(-self.config.clip_sample, self.config.clip_sample)  # ε kept, as diffusers' DDIM does
         return x0, eps
@@ -452,6 +447,7 @@ class EncodedTexts:
 
 # -- in the trainer's loop (AdapterTrainer, python -m vmix_lib.train) -------------------------------
 PROMPTS_RESOURCE = "distill_prompts.txt"  # the built-in content prompts, beside this file
+SD_TRAIN_STEPS = 1000  # the noise schedule's length in SD1.5 and SDXL (checked again once the model loads)
 
 
 def read_prompt_lines(text: str) -> List[str]:
@@ -539,10 +535,8 @@ class DistillTraining(Objective):
             guidance_scale=cfg.xt_guidance, min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep,
             max_teacher_rows=cfg.max_teacher_rows or None,
         )
-        try:
-            self.config.check()
-            if not any(cfg.min_timestep <= t <= cfg.max_timestep for t in ddim_timesteps(cfg.xt_steps)):
-                raise ValueError(f"no step of the {cfg.xt_steps}-step sampler has a timestep in [{cfg.min_timestep}, {cfg.max_timestep}]")
+        try:  # the objective's own checks, now; setup() makes it again with the checkpoint's schedule
+            self.core = DistillObjective(cfg.dimensions, torch.ones(SD_TRAIN_STEPS), "epsilon", (1, 1, 1), self.config, self.phrases)
         except ValueError as e:
             raise TrainError(str(e)) from None
         if cfg.dataset_dir:
@@ -608,19 +602,10 @@ class DistillTraining(Objective):
                 "(not as the original run would have).")
 
     def fingerprint(self) -> Dict:
-        # What the adapter learns: another target is another run.
-        return {"objective": self.name, **self.core_facts()}
-
-    def core_facts(self) -> Dict:
-        c = self.config
-        return {
-            "phrases": {d.name: {"positive": p.positive, "contrast": p.contrast} for d, p in zip(self.cfg.dimensions, self.phrases)},
-            "eta": c.eta, "superior_prob": c.superior_prob, "mirror": c.mirror, "xt_steps": c.sample_steps,
-            "xt_guidance": c.guidance_scale, "min_timestep": c.min_timestep, "max_timestep": c.max_timestep,
-        }
+        return self.core.metadata()  # what the adapter learns: another target is another run
 
     def facts(self) -> Dict:
-        return {"objective": self.name, **self.core_facts(), "resolution": self.resolution,
+        return {**self.core.metadata(), "resolution": self.resolution,
                 "prompts": len(self.prompts), "prompts_file": os.path.basename(self.cfg.prompts_file) if self.cfg.prompts_file else "built-in"}
 
     def preview_prompts(self) -> List[str]:

@@ -22,6 +22,13 @@ def ddim_timesteps(steps: int, train_steps: int = 1000, offset: int = 1) -> List
     return [min(i * ratio + offset, train_steps - 1) for i in range(steps)][::-1]
 
 
+def x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, prediction: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x̂₀, ε̂) from the model's output ``out`` at ``x`` = x_t with ᾱ_t = ``a``, for ε- or v-prediction."""
+    if prediction == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * out, a.sqrt() * out + (1 - a).sqrt() * x
+    return (x - (1 - a).sqrt() * out) / a.sqrt(), out
+
+
 @torch.no_grad()
 def ddim_sample(
     unet_forward,
@@ -50,12 +57,7 @@ def ddim_sample(
         out = unet_forward(torch.cat([x, x]).to(context.dtype), tt, context, added).float()
         out_u, out_c = out.chunk(2)
         out = out_u + cfg * (out_c - out_u)
-        if prediction == "v_prediction":
-            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
-            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
-        else:
-            eps = out
-            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        x0, eps = x0_and_eps(out, x, a_t, prediction)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
     return x
 
