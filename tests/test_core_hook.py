@@ -1,5 +1,6 @@
 """The to_v hook against the literal two-branch Eq. 9, through several attention kernels, on
 WebUI-named module trees and a diffusers UNet; exactness when VMix must change nothing."""
+import copy
 import gc
 import logging
 
@@ -212,13 +213,59 @@ def test_install_is_idempotent_and_other_hooks_survive(trees):
         assert mixer.is_installed_on(tree)
         assert len(first._forward_hooks) == 2
         second = ValueMixer(adapter)
-        second.install(tree)  # replaces the first mixer's hooks, never stacks them
-        assert len(first._forward_hooks) == 2 and not mixer.is_installed_on(tree)
+        second.install(tree)  # a second live mixer is installed beside the first, never instead of it
+        assert len(first._forward_hooks) == 3 and mixer.is_installed_on(tree) and second.is_installed_on(tree)
         second.remove()
+        mixer.remove()
         assert list(first._forward_hooks) == [other.id]
     finally:
         other.remove()
         remove_vmix_hooks(tree)
+
+
+def test_two_mixers_on_one_unet_one_armed_at_a_time(trees):
+    """Two adapters installed on one UNet (an evaluation of N adapters): each armed alone gives
+    exactly its single-adapter output, arming one disarms the other, and neither strips the other."""
+    tree, adapter = trees["sd15"]
+    context = context_for(tree, 77)
+    other_adapter = copy.deepcopy(adapter)
+    with torch.no_grad():
+        for p in other_adapter.parameters():
+            p.mul_(-0.5)
+        plain = tree(context)
+        alone = {}
+        for name, a in (("a", adapter), ("b", other_adapter)):
+            with ValueMixer(a, strength=2.0).applied(tree):
+                alone[name] = tree(context)
+            assert no_hooks(tree)
+        a = ValueMixer(adapter, strength=2.0).install(tree)
+        b = ValueMixer(other_adapter, strength=2.0).install(tree)
+        assert_outputs_equal(tree(context), plain)  # both installed, none armed
+        a.arm()
+        assert_outputs_equal(tree(context), alone["a"])
+        b.arm()
+        assert not a.armed and b.armed
+        assert_outputs_equal(tree(context), alone["b"])
+        a.arm()
+        assert not b.armed
+        assert_outputs_equal(tree(context), alone["a"])
+        assert not torch.equal(alone["a"][tree.names[0]], plain[tree.names[0]])
+        assert not torch.equal(alone["a"][tree.names[0]], alone["b"][tree.names[0]])
+        a.remove()
+        b.remove()
+        assert no_hooks(tree)
+
+
+def test_a_stripped_mixer_refuses_to_arm(trees):
+    tree, adapter = trees["sd15"]
+    mixer = ValueMixer(adapter).install(tree)
+    remove_vmix_hooks(tree)  # e.g. a WebUI job's clean start
+    with pytest.raises(RuntimeError, match="hooks were removed"):
+        mixer.arm()
+    mixer.install(tree)
+    mixer.arm()
+    assert mixer.armed
+    mixer.remove()
 
 
 def test_context_not_multiple_of_77_is_left_alone_and_warns_once(trees, caplog):

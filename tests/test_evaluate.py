@@ -331,6 +331,45 @@ def test_offline_schedulers_and_seeds(tmp_path, tiny_model, scheduler):
     assert not np.array_equal(arr(a), arr(c)) and not np.array_equal(arr(a), arr(e))
 
 
+def test_offline_two_adapters_each_act_as_when_alone(tmp_path, tiny_model):
+    """Several adapters in one offline evaluation: each one's images differ from off and equal its own
+    single-adapter run (installing the second adapter once stripped the first one's hooks, so the
+    first gave VMix-off pictures and a report of 'no effect')."""
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    from vmix_lib.evaluate.offline import OfflineSource
+    from vmix_lib.evaluate.settings import Setting, adapter_ref
+    from vmix_lib.evaluate.webui_client import GenerationParams
+
+    checkpoint, configs, tokenizer, first = tiny_model
+    second = str(tmp_path / "other-adapter.safetensors")
+    with safe_open(first, "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: (-v if k.startswith("values.") else v) for k, v in load_file(first).items()}
+    save_file(tensors, second, metadata=metadata)
+    params = GenerationParams(steps=3, width=32, height=32)
+    refs = {"a": adapter_ref(first), "b": adapter_ref(second)}
+    on = {k: Setting(f"{k} λ=2", ref, 2.0, None, "lambda") for k, ref in refs.items()}
+    arr = lambda im: np.asarray(im).astype(int)
+
+    def images(settings, order):
+        source = OfflineSource(checkpoint, params, "ddim", configs, tokenizer, device="cpu")
+        source.prepare([Setting("off"), *settings])
+        try:
+            return {key: arr(source.generate("a cat", 5, setting)[0]) for key, setting in order}
+        finally:
+            source.close()
+
+    alone = {k: images([s], [(k, s)])[k] for k, s in on.items()}
+    both = images([on["a"], on["b"]], [("off", Setting("off")), ("a", on["a"]), ("b", on["b"]), ("a again", on["a"])])
+    assert not np.array_equal(alone["a"], alone["b"])
+    for key in ("a", "b"):
+        assert not np.array_equal(both[key], both["off"]), f"adapter {key} did nothing"
+        assert np.array_equal(both[key], alone[key])
+    assert np.array_equal(both["a again"], alone["a"])
+
+
 def test_offline_errors_are_one_sentence(tmp_path, tiny_model, clip_dir, capsys):
     checkpoint, configs, tokenizer, adapter = tiny_model
     base = ["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--clip", clip_dir,

@@ -7,6 +7,15 @@ LoRA, hypernetwork or attn2 replacement the WebUI runs keeps working unchanged.
 Rules (DESIGN §4): hooks are inert unless armed; λ = 0 leaves outputs bit-identical; V_a is
 computed once per adapter, α and device (AestheticValues, shared across generations) and never per
 step; removal restores the UNet exactly.
+
+Several mixers on one UNet (DESIGN §9): any number of mixers may be *installed* on the same UNet
+(an evaluation of N adapters, previews beside a trainer, two graph branches in ComfyUI), but at most
+one is *armed* at a time: ``arm()`` disarms the other mixers on that UNet, so adapters never add up
+by accident, and each job arms the one it means.  Installing a mixer never removes another live
+mixer's hooks; it removes only hooks whose mixer is gone (left by a crash or a reload).
+``remove_vmix_hooks`` still strips everything (a WebUI job's clean start), and a mixer whose hooks
+were stripped refuses to ``arm()`` with an error instead of silently adding nothing (a mixer not
+installed yet may be armed: it acts once installed).
 """
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ from .mixing import VMixAdapter
 log = logging.getLogger("vmix")
 
 _HOOK_MARK = "_vmix_value_hook"
+_OWNER = "_vmix_mixer"  # weakref to the mixer a hook belongs to
 _MIXERS: "weakref.WeakSet[ValueMixer]" = weakref.WeakSet()
 
 
@@ -73,12 +83,19 @@ def check_fit(adapter: VMixAdapter, layers: Sequence[LayerInfo]) -> BindReport:
     return report
 
 
-def remove_vmix_hooks(root: nn.Module) -> int:
-    """Remove every VMix hook found under ``root``, including ones left by a crashed or reloaded run."""
+def _orphaned(key: int, fn) -> bool:
+    """A VMix hook no live mixer owns (its mixer was collected, or removed it from its list)."""
+    mixer = getattr(fn, _OWNER, lambda: None)()
+    return mixer is None or all(handle.id != key for handle in mixer._handles)
+
+
+def remove_vmix_hooks(root: nn.Module, only_orphans: bool = False) -> int:
+    """Remove every VMix hook found under ``root``, including ones left by a crashed or reloaded run
+    (``only_orphans``: only hooks no live mixer owns)."""
     removed = 0
     for module in root.modules():
         hooks = module._forward_hooks
-        for key in [k for k, fn in hooks.items() if getattr(fn, _HOOK_MARK, False)]:
+        for key in [k for k, fn in hooks.items() if getattr(fn, _HOOK_MARK, False) and (not only_orphans or _orphaned(k, fn))]:
             del hooks[key]
             module._forward_hooks_with_kwargs.pop(key, None)
             module._forward_hooks_always_called.pop(key, None)
@@ -268,12 +285,13 @@ class ValueMixer:
             raise AdapterMismatch(report.reason(self.adapter))
         armed = self.armed  # moving to another UNet (refiner, hires checkpoint) keeps the state
         self.remove()
-        remove_vmix_hooks(unet)
+        remove_vmix_hooks(unet, only_orphans=True)  # other live mixers keep theirs (one armed at a time)
         for info in layers:
             hook = self._make_hook(info.name)
             self._handles.append(info.module.to_v.register_forward_hook(hook))
         self._unet_ref = weakref.ref(unet)
-        self.armed = armed
+        if armed:
+            self.arm()
         return self
 
     def remove(self) -> None:
@@ -284,13 +302,22 @@ class ValueMixer:
         self.armed = False
 
     def arm(self) -> None:
+        """Make the hooks act (once installed, if not yet), and disarm every other mixer on the same UNet."""
+        unet = self._unet_ref() if self._unet_ref is not None else None
+        if self._handles and (unet is None or not self.is_installed_on(unet)):
+            raise RuntimeError("this VMix mixer's hooks were removed from its UNet (remove_vmix_hooks, or the model "
+                               "was reloaded); install it again before arming it")
+        if unet is not None:
+            for other in list(_MIXERS):
+                if other is not self and other.armed and other._unet_ref is not None and other._unet_ref() is unet:
+                    other.armed = False
         self.armed = True
 
     def disarm(self) -> None:
         self.armed = False
 
     def __enter__(self) -> "ValueMixer":
-        self.arm()
+        self.arm()  # after install: ``with mixer.applied(unet):``
         return self
 
     def __exit__(self, *exc) -> None:
@@ -387,4 +414,5 @@ class ValueMixer:
                 return None
 
         setattr(vmix_value_hook, _HOOK_MARK, True)
+        setattr(vmix_value_hook, _OWNER, mixer_ref)
         return vmix_value_hook
