@@ -46,3 +46,20 @@
     });
     onUiLoaded(applyVMixHints);
 })();
+
+// The VMix tab (vmix_lib/webui/making/tab.py): Train and Resume start a job the way A1111's own Train
+// tab does (textualInversion.js): a task id for the progress bar, which polls /internal/progress and
+// shows shared.state's text and the newest λ-sweep preview while the job runs.
+function vmix_make_start() {
+    var app = gradioApp();
+    var result = app.querySelector("#vmix_make_result");
+    if (result) result.innerHTML = "";
+    var id = randomId();
+    requestProgress(id, app.getElementById("vmix_make_progress"), app.getElementById("vmix_make_preview"), function() {}, function(progress) {
+        var text = app.getElementById("vmix_make_progress");
+        if (text && progress.textinfo) text.innerHTML = progress.textinfo;
+    });
+    var args = Array.from(arguments);
+    args[0] = id;
+    return args;
+}

@@ -90,6 +90,18 @@ def join_prompt(prompt: str, phrase: str) -> str:
     return f"{prompt}, {phrase}" if prompt else phrase
 
 
+# Phrase pairs for the six built-in dimensions that distil well on SD1.5/SDXL (examples/distill_*.toml,
+# the VMix tab's defaults): the phrase added to the prompt, and its contrast ("" = the prompt alone).
+SUGGESTED_PHRASES: Dict[str, Tuple[str, str]] = {
+    "color": ("vibrant colors", "dull colors"),
+    "lighting": ("natural lighting", "flat lighting"),
+    "composition": ("proportional composition", "cluttered composition"),
+    "focus": ("sharp focus", "blurry"),
+    "texture": ("detailed texture", "smooth plastic texture"),
+    "emotion": ("evocative emotion", ""),
+}
+
+
 def default_phrases(dimensions: Sequence[AestheticDimension]) -> List[PhrasePair]:
     """Each dimension's label phrase against the content prompt alone."""
     return [PhrasePair(d.positive, "") for d in dimensions]
@@ -554,14 +566,11 @@ class DistillTraining(Objective):
         ]
 
     def setup(self, ctx) -> None:
-        from .text import square_image_encoder
-
         self.ctx = ctx
-        base = ctx.base
         factor = ctx.vae_factor
-        shape = (base.unet.config.in_channels, self.resolution // factor, self.resolution // factor)
-        self.core = DistillObjective(self.cfg.dimensions, base.alphas_cumprod, ctx.prediction, shape, self.config, self.phrases)
-        self.encode = square_image_encoder(ctx.conditioner, ctx.family, self.resolution)
+        shape = (ctx.latent_channels, self.resolution // factor, self.resolution // factor)
+        self.core = DistillObjective(self.cfg.dimensions, ctx.alphas_cumprod, ctx.prediction, shape, self.config, self.phrases)
+        self.encode = ctx.encoder(self.resolution)
         self.processes, self.rank = ctx.accelerator.num_processes, ctx.accelerator.process_index
         self.global_batch = self.cfg.batch_size * self.processes
         armed = ctx.mixer.armed

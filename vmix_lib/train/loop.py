@@ -77,6 +77,50 @@ def diffusers_unet_forward(unet: nn.Module) -> UnetForward:
     return forward
 
 
+_UNSET = object()
+WEBUI_BLOCK_LISTS = ("input_blocks", "output_blocks")  # A1111 (ldm, sgm) and Forge UNets: plus middle_block
+
+
+def checkpoint_unet_blocks(unet: nn.Module) -> Callable[[], None]:
+    """Gradient checkpointing for a WebUI UNet: each of ``input_blocks.i``, ``middle_block`` and
+    ``output_blocks.i`` keeps only its inputs and runs again in the backward pass.
+
+    For UNets without diffusers' ``enable_gradient_checkpointing`` (A1111's ldm/sgm, Forge's own).
+    Set per instance (``block.forward``), never on a class, so nothing else in the process changes;
+    the returned function puts every block back exactly as it was.  Without gradients (sampling,
+    the teacher's passes) a block runs as usual.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [b for name in WEBUI_BLOCK_LISTS for b in getattr(unet, name, ())]
+    if getattr(unet, "middle_block", None) is not None:
+        blocks.append(unet.middle_block)
+    if not blocks:
+        raise ValueError("gradient checkpointing needs a diffusers UNet or a WebUI UNet (input_blocks, middle_block, output_blocks)")
+    saved = []
+    for block in blocks:
+        previous = block.__dict__.get("forward", _UNSET)
+        original = block.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        block.forward = forward
+        saved.append((block, previous))
+
+    def restore() -> None:
+        for block, previous in saved:
+            if previous is _UNSET:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = previous
+        saved.clear()
+
+    return restore
+
+
 # -- the seam ------------------------------------------------------------------------------------
 class Objective:
     """A way of training the adapter: where micro-batches come from, and what their loss is.
@@ -255,9 +299,6 @@ class AdapterTrainer:
         objective: Optional[Objective] = None,
         accelerator=None,
     ):
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        from .runtime import make_accelerator
 
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"unknown prediction type {prediction!r}; use 'epsilon' or 'v_prediction'")
@@ -280,29 +321,39 @@ class AdapterTrainer:
         self.objective = objective or DiffusionObjective(aesthetic_dropout)
         self.step = 0
 
+        self._unet_flags = [(p, p.requires_grad) for p in unet.parameters()]  # put back by close()
         unet.requires_grad_(False)
         adapter.requires_grad_(True)
         adapter.aes_emb.requires_grad_(False)  # AesEmb is a frozen lookup table (a buffer anyway)
+        self._restore_blocks: Optional[Callable[[], None]] = None
         if self.gradient_checkpointing:
-            if not hasattr(unet, "enable_gradient_checkpointing"):
-                raise ValueError("gradient checkpointing needs a diffusers UNet (enable_gradient_checkpointing)")
-            unet.enable_gradient_checkpointing()
+            if hasattr(unet, "input_blocks") or not hasattr(unet, "enable_gradient_checkpointing"):
+                self._restore_blocks = checkpoint_unet_blocks(unet)  # a WebUI UNet
+            else:
+                unet.enable_gradient_checkpointing()
         self.layers = find_cross_attention_layers(unet)
         self.mixer = ValueMixer(adapter, strength=adapter.train_lambda, strict=True)
         self.mixer.install(unet, self.layers)
         self.mixer.arm()
         self.generator = torch.Generator(self.device).manual_seed(int(seed))
 
-        self.accelerator = accelerator or make_accelerator(self.device, mixed_precision)
+        if accelerator is None:
+            from .runtime import make_accelerator
+
+            accelerator = make_accelerator(self.device, mixed_precision)
+        self.accelerator = accelerator
         self.mixed_precision = self.accelerator.mixed_precision
         self.parts = TrainableParts(unet, adapter, self.mixer, self.forward, self.alphas_cumprod, prediction,
                                     self.generator, self.objective, list(extra_parameters))
         self.parameters = self.parts.trainable_parameters()
         self.extra_parameters = list(self.parts.extra)
         optimizer = torch.optim.AdamW(self.parameters, lr=self.base_lr, betas=tuple(betas), weight_decay=weight_decay)
-        # DDP only for several processes; gradient buckets as views save a copy of the gradients.
-        self.accelerator.ddp_handler = DistributedDataParallelKwargs(
-            find_unused_parameters=self.objective.find_unused_parameters, gradient_as_bucket_view=True)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import DistributedDataParallelKwargs
+
+            # DDP only for several processes; gradient buckets as views save a copy of the gradients.
+            self.accelerator.ddp_handler = DistributedDataParallelKwargs(
+                find_unused_parameters=self.objective.find_unused_parameters, gradient_as_bucket_view=True)
         self.model, self.optimizer = self.accelerator.prepare(self.parts, optimizer)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -378,10 +429,16 @@ class AdapterTrainer:
         self.generator.set_state(state["generator"].to(torch.uint8).cpu())
 
     def close(self) -> None:
-        """Remove the VMix hook; the UNet computes the base model again."""
+        """Remove the VMix hook and the checkpointing; the UNet computes the base model again."""
         self.mixer.remove()
-        if self.gradient_checkpointing and hasattr(self.unet, "disable_gradient_checkpointing"):
+        if self._restore_blocks is not None:
+            self._restore_blocks()
+            self._restore_blocks = None
+        elif self.gradient_checkpointing and hasattr(self.unet, "disable_gradient_checkpointing"):
             self.unet.disable_gradient_checkpointing()
+        for parameter, flag in self._unet_flags:
+            parameter.requires_grad_(flag)
+        self._unet_flags = []
 
 
 def train_adapter(

@@ -32,8 +32,8 @@ class RunContext:
 
     cfg: Any  # TrainConfig
     family: str
-    base: Any  # checkpoint_loading.BaseModel (unet, vae, text encoders, scaling factor, ...)
-    conditioner: Any  # text.TextConditioner
+    base: Any  # checkpoint_loading.BaseModel (unet, vae, text encoders, ...); None in the WebUI's VMix tab
+    conditioner: Any  # text.TextConditioner; None in the WebUI's VMix tab
     accelerator: Any
     device: torch.device
     output_dir: str
@@ -43,6 +43,9 @@ class RunContext:
     prediction: str = "epsilon"  # what the UNet predicts (epsilon, v_prediction)
     unet_forward: Optional[Callable] = None  # (x_t, t, context, added_cond) -> the UNet's output (loop.UnetForward)
     mixer: Any = None  # the trainer's armed ValueMixer; disarmed, unet_forward is the frozen base model
+    latent_channels: int = 4
+    alphas_cumprod: Optional[torch.Tensor] = None  # [T] the model's noise schedule
+    encoder: Optional[Callable] = None  # picture size -> (texts -> (context, added)) for size×size pictures
 
 
 class DataObjective(DiffusionObjective):

@@ -156,3 +156,42 @@ def lambda_sweep(
         mixer.strength, mixer.row_strengths = saved_strength, saved_rows  # the next step sets its own per-row f_a
     rows = [[_to_pil(columns[c][r]) for c in range(len(lambdas))] for r in range(len(prompts))]
     return make_grid(rows, [f"lambda {lam:g}" for lam in lambdas], title, row_labels=row_labels)
+
+
+def preview_maker(cfg, parts, decode: DecodeFn, trainer, objective, folder: str) -> Callable[[int], str]:
+    """``make(step) -> path``: a λ-sweep grid of the run's preview settings, written to ``folder``.
+
+    ``parts`` is the run's session.ModelParts (its forward, conditioning, ᾱ), ``decode`` the host's
+    VAE (latents -> images in [-1, 1]).  Rows: every preview prompt with all dimensions superior,
+    then (``preview_dimensions``) the first prompt with one dimension at a time.
+    """
+    import os
+
+    from . import loop
+
+    res = cfg.preview_resolution or cfg.family_default("resolution", parts.family)
+    prompts = list(cfg.preview_prompts) or objective.preview_prompts() or ["a photograph"]
+    shape = (parts.latent_channels, res // parts.vae_factor, res // parts.vae_factor)
+    forward = parts.unet_forward or loop.diffusers_unet_forward(parts.unet)
+    encode = parts.encoder(res)
+    dims = [d.name for d in cfg.dimensions]
+    rows = list(prompts) + ([prompts[0]] * len(dims) if cfg.preview_dimensions else [])
+    labels = torch.ones(len(rows), len(dims))
+    if cfg.preview_dimensions:
+        labels[len(prompts):] = torch.eye(len(dims))
+    row_labels = ["all"] * len(prompts) + (["only " + d for d in dims] if cfg.preview_dimensions else [])
+
+    def make(step: int) -> str:
+        os.makedirs(folder, exist_ok=True)
+        grid = lambda_sweep(
+            trainer.mixer, forward, encode, decode, rows, cfg.preview_lambdas, shape, parts.alphas_cumprod,
+            cfg.preview_steps, cfg.preview_cfg, parts.prediction, cfg.preview_seed, autocast=trainer.autocast,
+            title=f"step {step}: lambda sweep; rows: all dimensions superior"
+                  + (f", then '{prompts[0][:40]}' with one dimension at a time" if cfg.preview_dimensions else ""),
+            labels=labels, row_labels=row_labels,
+        )
+        path = os.path.join(folder, f"{cfg.name}-step{step:06d}.png")
+        grid.save(path)
+        return path
+
+    return make

@@ -148,6 +148,89 @@ def local_processes(accelerator) -> int:
         return accelerator.num_processes
 
 
+class SingleProcess:
+    """The part of ``accelerate.Accelerator`` the trainer's loop uses, for one process on one device.
+
+    The WebUI's VMix tab trains inside the WebUI's own process: accelerate may be missing there or
+    an older version, and its process-wide state (PartialState, AcceleratorState) must not be left
+    behind.  Same arithmetic as accelerate in one process: the loss divided by the micro-batches of
+    the step, autocast for fp16/bf16, a GradScaler for fp16 (gradients unscaled before clipping,
+    the step skipped on overflow).
+    """
+
+    num_processes = 1
+    process_index = 0
+    is_main_process = True
+
+    def __init__(self, device: torch.device, mixed_precision: str = "no"):
+        if mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed precision must be no, fp16 or bf16, got {mixed_precision!r}")
+        self.device = torch.device(device)
+        self.mixed_precision = mixed_precision
+        self.gradient_accumulation_steps = 1
+        self.step = 0
+        self.scaler = torch.amp.GradScaler(self.device.type) if mixed_precision == "fp16" else None
+        self._optimizer = None
+
+    def autocast(self):
+        import contextlib
+
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.float16 if self.mixed_precision == "fp16" else torch.bfloat16)
+
+    def prepare(self, model, optimizer):
+        self._optimizer = optimizer
+        return model, _ScaledOptimizer(optimizer, self.scaler)
+
+    def accumulate(self, model):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.gradient_accumulation_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_grad_norm_(self, parameters, max_norm: float):
+        if self.scaler is not None:
+            self.scaler.unscale_(self._optimizer)
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return tensor
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+class _ScaledOptimizer:
+    """The optimizer's step through the GradScaler (when there is one), as accelerate's wrapper does."""
+
+    def __init__(self, optimizer, scaler):
+        self.optimizer, self.scaler = optimizer, scaler
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.optimizer.load_state_dict(state)
+
+
 # -- work sharing --------------------------------------------------------------------------------
 def split_for_process(total: int, processes: int, rank: int) -> Tuple[Tuple[int, ...], Tuple[float, ...], float]:
     """(positions, weights, loss_scale) of process ``rank`` in a global micro-batch of ``total`` samples.

@@ -32,7 +32,29 @@ def unload_report(removed: int, left: int) -> str:
     return f"[VMix] Reload UI: removed {removed} VMix hook(s); {state}."
 
 
+def on_ui_tabs():
+    try:
+        from .making import tab
+
+        return tab.on_ui_tabs()
+    except Exception as e:  # the tab must never keep the panel from loading
+        print(f"[VMix] the VMix tab is not shown: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
+
+
+def on_app_started(demo, app) -> None:
+    try:
+        from .making import api
+
+        api.on_app_started(demo, app)
+    except Exception as e:
+        print(f"[VMix] the /vmix/v1 API routes are not available: {type(e).__name__}: {e}", file=sys.stderr)
+
+
 def on_script_unloaded() -> None:
+    from .making.job import BOARD
+
+    BOARD.request_stop()  # a VMix tab job stops after its current step and saves
     removed, left = runner().shutdown()
     print(unload_report(removed, left), file=sys.stderr, flush=True)
 
@@ -65,7 +87,7 @@ def setup() -> bool:
         print("[VMix] needs AUTOMATIC1111 1.6 or newer, or Forge; this WebUI is older, so VMix is not shown.",
               file=sys.stderr)
         return False
-    host.register_callbacks(on_cfg_denoiser, on_script_unloaded, on_ui_settings, on_before_ui)
+    host.register_callbacks(on_cfg_denoiser, on_script_unloaded, on_ui_settings, on_before_ui, on_ui_tabs, on_app_started)
     infotext.set_adapter_resolver(infotext.library_resolver(default_library()))
     on_before_ui()  # also now: with --nowebui the API snapshots the X/Y/Z axes before on_before_ui
     if not _notice_shown[0]:

@@ -271,7 +271,8 @@ class WebUIHost:
 
 
 def register_callbacks(on_cfg_denoiser: Callable, on_unloaded: Callable, on_ui_settings: Callable,
-                       on_before_ui: Optional[Callable] = None) -> None:
+                       on_before_ui: Optional[Callable] = None, on_ui_tabs: Optional[Callable] = None,
+                       on_app_started: Optional[Callable] = None) -> None:
     """Register each callback once: the WebUI clears its lists on "Reload UI" and the script file
     registers again, while vmix_lib stays imported, so remove an earlier registration first."""
     from modules import script_callbacks
@@ -279,8 +280,10 @@ def register_callbacks(on_cfg_denoiser: Callable, on_unloaded: Callable, on_ui_s
     pairs = [(script_callbacks.on_cfg_denoiser, on_cfg_denoiser),
              (script_callbacks.on_script_unloaded, on_unloaded),
              (script_callbacks.on_ui_settings, on_ui_settings)]
-    if on_before_ui is not None:
-        pairs.append((script_callbacks.on_before_ui, on_before_ui))
+    for register, fn in ((script_callbacks.on_before_ui, on_before_ui), (script_callbacks.on_ui_tabs, on_ui_tabs),
+                         (script_callbacks.on_app_started, on_app_started)):
+        if fn is not None:
+            pairs.append((register, fn))
     for register, fn in pairs:
         script_callbacks.remove_callbacks_for_function(fn)
         register(fn)

@@ -9,7 +9,7 @@ effects: the WebUI calls ``ui()`` again for API defaults.  Every control has an 
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import gradio as gr
 
@@ -18,6 +18,23 @@ from . import infotext, panel
 from .arguments import MAX_DIMENSION_SLOTS
 from .library import AdapterLibrary
 from .runner import RunnerOptions
+
+
+_dropdowns: Dict[bool, gr.components.Component] = {}  # is_img2img -> the panel's adapter dropdown on the page
+
+
+def adapter_dropdowns() -> List[gr.components.Component]:
+    """The panels' adapter dropdowns of the page being built (the VMix tab refreshes them after a job)."""
+    return list(_dropdowns.values())
+
+
+def _in_blocks() -> bool:
+    try:
+        from gradio.context import Context
+
+        return Context.block is not None
+    except Exception:
+        return False
 
 
 def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[FamilyReport]],
@@ -76,6 +93,8 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
     # A1111 restores the dropdown from ui-config.json after this returns and then calls init_field.
     adapter.init_field = lambda name: panel.describe_on_components(library, name, model_report(), info, alphas)
 
+    if _in_blocks():  # not the calls that only collect API defaults
+        _dropdowns[bool(getattr(script, "is_img2img", False))] = adapter
     controls = [enabled, adapter, strength, *alphas, start, end, uncond, block_weights]
     assert len(controls) == 3 + MAX_DIMENSION_SLOTS + 4
     # Shared module-level paste functions: the same objects in both tabs, so "Send to" (which
