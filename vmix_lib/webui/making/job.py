@@ -93,11 +93,12 @@ class JobStatus:
     adapter: Optional[str] = None  # the adapter's name in the panel's list, once a file exists
     preview_path: Optional[str] = None
     preview_step: Optional[int] = None
+    throughput: str = ""  # the run's "Throughput: ... steps/s ..." line (training steps only; GPU: peak memory)
     log: List[str] = field(default_factory=list)
 
     def to_json(self) -> Dict[str, Any]:
         keys = ("task_id", "state", "name", "step", "max_steps", "loss", "smoothed_loss", "direction", "eta_seconds",
-                "message", "adapter", "preview_step")
+                "message", "adapter", "preview_step", "throughput")
         out = {k: getattr(self, k) for k in keys}
         out["elapsed_seconds"] = None if self.started is None else round((self.finished or time.time()) - self.started, 1)
         return out
@@ -311,7 +312,7 @@ def _run(request: MakeRequest, model: WebUIModel, folder: str, status: JobStatus
             should_stop=lambda: board.stop_requested or sink.interrupted(), on_step=on_step, on_save=on_save,
             save_on_stop=True,
         )
-    status.step = result.steps
+    status.step, status.throughput = result.steps, result.throughput
     where = f"{shown(folder)}/{name}.safetensors"
     if result.stopped:
         status.state = "stopped"
