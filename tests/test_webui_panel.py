@@ -192,7 +192,7 @@ def test_hints_explain_every_control(library):
     assert "“vibrant color”" in hints["alpha_1"] and "0 = its negative “sks”" in hints["alpha_1"]
     assert "“evocative emotion”" in hints["alpha_6"]
     assert "Example: IN:1, MID:0.5, OUT:1" in hints["block_weights"] and "16 for this SD1.5 adapter" in hints["block_weights"]
-    assert "unconditional pass" in hints["uncond"] and "fraction of sampling" in hints["start"]
+    assert "unconditional pass" in hints["uncond"] and "fractions of the denoising" in hints["start"]
     assert "adapter folder" in hints["refresh"] and "No official VMix weights" in hints["adapter"]
     # a name that is not installed keeps the last adapter's sliders, and so their hints
     unknown = hint_map(panel.info_html(library, "g", SD15))

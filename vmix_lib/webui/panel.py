@@ -19,10 +19,11 @@ from typing import Dict, List, Optional, Sequence
 from ..adapter_file import AdapterError, AdapterInfo
 from ..dimensions import AestheticDimension
 from ..layers import FAMILY_TITLES, LAYOUTS, FamilyReport
-from .arguments import MAX_DIMENSION_SLOTS
+from .arguments import MAX_DIMENSION_SLOTS, RANGE_MEANING
 from .library import NO_OFFICIAL_WEIGHTS, AdapterLibrary
 
 HINTS_ATTRIBUTE = "data-vmix-hints"
+_RANGE = f"Start and End are {RANGE_MEANING}."
 
 # The adapter box accepts typed values (so pasted infotexts with unknown names can show), and gradio
 # 3.41 (A1111) sends a change on every keystroke there while gradio 4.40 (Forge) sends one when the
@@ -91,9 +92,8 @@ def hints(dimensions: Optional[Sequence[AestheticDimension]] = None, family: Opt
         "strength": "Strength λ: how strongly the adapter's aesthetic values are added in every cross-attention "
                     f"layer (softmax(QKᵀ/√d)·(V + λ·V_a)). 0 = the base model, bit for bit; {trained} = the strength "
                     "it was trained at; the paper shows 0 to 2.",
-        "start": "Start: the fraction of sampling where VMix begins (0 = from the first step). In Forge it is "
-                 "read on the model's noise schedule, as Forge's ControlNet does.",
-        "end": "End: the fraction of sampling where VMix stops (1 = until the last step); above Start.",
+        "start": f"Start: where VMix begins acting (0 = from the first step). {_RANGE}",
+        "end": f"End: where VMix stops acting, above Start (1 = until the last step). {_RANGE}",
         "uncond": "On: the same λ on the unconditional pass (the negative prompt, which CFG pushes away from). "
                   "Off: only the prompt pass gets VMix. The paper does not say; the default is in Settings > VMix.",
         "block_weights": "Scales λ per cross-attention layer; empty = 1 everywhere. Comma-separated key:weight "
