@@ -212,6 +212,11 @@ def test_07_damaged_file_and_reload_ui_after_a_failed_job(page, state, adapter_d
                   f"{api_adapter.group(1).strip() if api_adapter else None!r}")
         assert default != DAMAGED and api_adapter and api_adapter.group(1).strip() != DAMAGED
         page.set_enabled(tab, True)
+        # the damaged file is marked in the list itself (issue 22); the value stays its name
+        marks = page.wait(lambda: (lambda m: m.get(DAMAGED) == '"⚠ damaged"' and m)(page.adapter_marks(tab)),
+                          "the damaged file's mark in the adapter list")
+        page.note(f"  marks in the adapter list: {marks}")
+        assert marks[state["adapter"]] in ("none", "normal")
         page.pick_adapter(tab, DAMAGED)
         info = page.wait(lambda: "damaged" in page.info(tab) and page.info(tab), "the damaged-file line")
         page.note(f"  {DAMAGED}: {info}")
