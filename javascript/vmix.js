@@ -4,6 +4,12 @@
 // sends them with the info line: a hidden element with a data-vmix-hints attribute holding
 // {element id suffix: text}.  Only the elements whose id is the info line's prefix
 // ("script_txt2img_vmix_") plus such a suffix are touched; no other extension's element is.
+//
+// The same element's data-vmix-marks holds {adapter name: mark} for files that fail the full check.
+// The adapter list shows them as "name ⚠ damaged": one <style> per tab whose rules put the mark
+// after the list items of that tab's adapter dropdown whose aria-label is the name (gradio 3.41
+// and 4.40 both render <li class="item" aria-label="<name>">).  CSS, not text in the items: the
+// choices and the dropdown's value stay the plain names, and gradio re-renders the list freely.
 
 (function() {
     var pending = null;
@@ -16,6 +22,31 @@
         return element;
     }
 
+    function cssString(text) {
+        return '"' + String(text).replace(/\\/g, "\\\\").replace(/"/g, '\\"').replace(/[\n\r\f]/g, " ") + '"';
+    }
+
+    function marksCss(prefix, marks) {
+        var css = "";
+        for (var name in marks) {
+            css += "#" + prefix + "adapter li.item[aria-label=" + cssString(name) + "]::after { content: " +
+                cssString(marks[name]) + "; }\n";
+        }
+        return css;
+    }
+
+    function applyMarks(prefix, marks) {
+        var id = prefix + "list_marks";
+        var style = document.getElementById(id);
+        if (!style) {
+            style = document.createElement("style");
+            style.id = id;
+            document.head.appendChild(style);
+        }
+        var css = marksCss(prefix, marks);
+        if (style.textContent !== css) style.textContent = css;
+    }
+
     function applyVMixHints() {
         pending = null;
         var app = gradioApp();
@@ -24,12 +55,14 @@
             var block = carriers[i].closest("[id$='_vmix_info']");
             if (!block) continue;
             var prefix = block.id.slice(0, -"info".length);
-            var hints;
+            var hints, marks;
             try {
                 hints = JSON.parse(carriers[i].getAttribute("data-vmix-hints"));
+                marks = JSON.parse(carriers[i].getAttribute("data-vmix-marks") || "{}");
             } catch (e) {
                 continue;
             }
+            applyMarks(prefix, marks);
             for (var key in hints) {
                 var element = app.querySelector("#" + prefix + key);
                 if (!element) continue;

@@ -268,12 +268,22 @@ class ForgeModel:
 
 
 class P:
-    """A StableDiffusionProcessing stand-in: what the glue reads from p."""
+    """A StableDiffusionProcessing stand-in: what the glue reads from p (A1111 1.10.1
+    modules/processing.py: is_api :226, set True only by modules/api/api.py:469/540; comments :232
+    and comment() :296-297; n_iter, do_not_save_grid)."""
+
+    is_api = False
 
     def __init__(self, sd_model, **attrs):
         self.sd_model = sd_model
         self.extra_generation_params = {}
+        self.comments = {}
+        self.n_iter = 1
+        self.do_not_save_grid = False
         self.__dict__.update(attrs)
+
+    def comment(self, text):
+        self.comments[text] = 1
 
 
 class TestHost(WebUIHost):
@@ -283,7 +293,8 @@ class TestHost(WebUIHost):
     __test__ = False
 
     def __init__(self, model=None):
-        self.state = SimpleNamespace(job="txt2img", job_timestamp="20250101000000")  # shared.state
+        self.state = SimpleNamespace(job="txt2img", job_timestamp="20250101000000", interrupted=False,
+                                     stopping_generation=False)  # shared.state
         self.model = model  # what sd_models.model_data.sd_model would be
         self.warnings: List[str] = []
 
@@ -309,6 +320,11 @@ class TestHost(WebUIHost):
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    def stop_before_sampling(self, p, sentence: str) -> bool:
+        from vmix_lib.webui.runner import stop_before_sampling
+
+        return stop_before_sampling(p, self.state, sentence)
 
 
 # ---------------------------------------------------------------- sampling stand-ins
@@ -348,6 +364,68 @@ def forge_unet_call(patcher, x, contexts, cond_or_uncond, sigma):
     to["cond_or_uncond"] = list(cond_or_uncond)
     to["sigmas"] = torch.full((x.shape[0] // len(cond_or_uncond),), float(sigma))
     return patcher.model.diffusion_model(x, torch.zeros(x.shape[0]), context=torch.cat(contexts), transformer_options=to)
+
+
+# ---------------------------------------------------------------- a job, from the UI and from the API
+
+
+def process_images(p, runner, state, sample):
+    """process_images_inner around the scripts (A1111 1.10.1 modules/processing.py; Forge the same
+    at :906-931): scripts' process (:914-915), then per batch the interrupt check (:938-939) before
+    process_batch / process_before_every_sampling and sampling (``sample()``: the UNet calls), the
+    grid only when allowed (:1124), Processed's comments (:525) and the scripts' postprocess
+    (:1147-1148).  An exception raised while sampling leaves here without postprocess."""
+    runner.process(p, p.script_args)
+    images = []
+    for _ in range(p.n_iter):
+        if state.interrupted or state.stopping_generation:
+            break
+        runner.before_sampling(p)
+        images.append(sample())
+    grid = not p.do_not_save_grid
+    comments = "".join(f"{comment}\n" for comment in p.comments)
+    runner.postprocess(p)
+    return SimpleNamespace(images=images, comments=comments, grid=grid)
+
+
+def plaintext_to_html(text, classname=None):
+    """A1111 1.10.1 modules/ui_common.py:32-35 (Forge the same)."""
+    import html
+
+    content = "<br>\n".join(html.escape(x) for x in text.split("\n"))
+    return f"<p class='{classname}'>{content}</p>" if classname else f"<p>{content}</p>"
+
+
+def ui_job(webui, state, job):
+    """A Generate click: modules/txt2img.py txt2img (:102-120) inside the UI's job wrappers.
+
+    Returns (the page's outputs, what the wrappers printed to the console).
+    A1111 1.10.1 modules/call_queue.py: wrap_gradio_call resets the state flags in a finally
+    (:52-59); wrap_gradio_call_no_job catches any Exception and errors.report(..., exc_info=True)
+    prints "*** Error completing request", "*** Arguments: ..." and the indented traceback
+    (:73-89, modules/errors.py:38-49).  Forge: txt2img runs the job on its main thread, whose
+    Task.work catches any Exception and prints traceback.print_exc() and the exception
+    (modules_forge/main_thread.py:27-37); the wrapper then shows last_exception without printing
+    (modules/call_queue.py:75-82)."""
+    import html
+    import traceback
+
+    console = []
+    try:
+        try:
+            processed = job()
+            outputs = [processed.images, plaintext_to_html(processed.comments, classname="comments")]
+        finally:
+            state.interrupted = state.stopping_generation = False
+            state.job = ""
+    except Exception as e:
+        if webui == "a1111":
+            console += ["*** Error completing request", "*** Arguments: ..."]
+            console += traceback.format_exc().splitlines() + ["---"]
+        else:
+            console += traceback.format_exc().splitlines() + [str(e)]
+        outputs = [None, f"<div class='error'>{html.escape(f'{type(e).__name__}: {e}')}</div>"]
+    return outputs, console
 
 
 # ---------------------------------------------------------------- the stand-ins themselves

@@ -16,7 +16,8 @@ NODE = shutil.which("node") or shutil.which("nodejs")
 
 HARNESS = r"""
 const fs = require("fs"), vm = require("vm");
-const [script, hintsTxt, hintsImg, hintsNew] = process.argv.slice(1).map((a, i) => i ? JSON.parse(a) : a);
+const [script, hintsTxt, hintsImg, hintsNew, marksTxt, marksImg, marksNew] =
+  process.argv.slice(1).map((a, i) => i ? JSON.parse(a) : a);
 
 class El {
   constructor(id, classes = [], attrs = {}, children = []) {
@@ -37,31 +38,48 @@ class El {
     return null;
   }
 }
-const carrier = (hints) => new El("", ["vmix-hints"], {"data-vmix-hints": JSON.stringify(hints)});
+const carrier = (hints, marks) => new El("", ["vmix-hints"], marks == null ? {"data-vmix-hints": JSON.stringify(hints)}
+  : {"data-vmix-hints": JSON.stringify(hints), "data-vmix-marks": JSON.stringify(marks)});
 const block = (id) => new El(id, ["block"], {}, [new El("", ["wrap"])]);
-const tab = (t, hints) => new El(`tab_${t}`, [], {}, [
+const tab = (t, hints, marks) => new El(`tab_${t}`, [], {}, [
   new El(`script_${t}_vmix_enabled`, ["input-accordion"], {}, [new El("", ["label-wrap"]), new El("", ["body"], {}, [
-    new El(`script_${t}_vmix_info`, ["block"], {}, [new El("", ["prose"], {}, [new El("", ["vmix-info"]), carrier(hints)])]),
+    new El(`script_${t}_vmix_info`, ["block"], {}, [new El("", ["prose"], {}, [new El("", ["vmix-info"]), carrier(hints, marks)])]),
     ...Object.keys(hints).filter((k) => k !== "enabled").map((k) => block(`script_${t}_vmix_${k}`)),
   ])]),
   block(`script_${t}_other_strength`),   // another extension's control with the same suffix
   block(`script_${t}_vmixer_strength`),  // an id that merely starts like VMix's
 ]);
-const page = new El("root", [], {}, [tab("txt2img", hintsTxt), tab("img2img", hintsImg)]);
+const page = new El("root", [], {}, [tab("txt2img", hintsTxt, marksTxt), tab("img2img", hintsImg, marksImg)]);
 page.querySelectorAll = (sel) => [...page.walk()].filter((e) => e.getAttribute("data-vmix-hints") !== null);
 const loaded = [], updates = [];
-Object.assign(globalThis, {gradioApp: () => page, onUiLoaded: (f) => loaded.push(f), onUiUpdate: (f) => updates.push(f)});
+const head = [];  // document.head's children
+const document = {head: {appendChild: (e) => head.push(e)}, createElement: (tag) => ({tag, id: "", textContent: ""}),
+                  getElementById: (id) => head.find((e) => e.id === id) || null};
+Object.assign(globalThis, {gradioApp: () => page, onUiLoaded: (f) => loaded.push(f), onUiUpdate: (f) => updates.push(f),
+                           document});
+const styles = () => Object.fromEntries(head.map((e) => [e.id, e.tag + ": " + e.textContent]));
 vm.runInThisContext(fs.readFileSync(script, "utf8"), {filename: script});
 const titles = () => Object.fromEntries([...page.walk()].filter((e) => e.title).map((e) => [e.id || e.classes.join("."), e.title]));
 loaded.forEach((f) => f());
-const first = titles();
+const first = titles(), firstStyles = styles();
 // the adapter changes in txt2img: gradio replaces the info line's content
 const info = page.querySelector("#script_txt2img_vmix_info").children[0];
-info.children[1] = carrier(hintsNew); info.children[1].parent = info;
+info.children[1] = carrier(hintsNew, marksNew); info.children[1].parent = info;
 updates.forEach((f) => f([]));
 updates.forEach((f) => f([]));  // a burst of page changes: applied once, shortly after
-setTimeout(() => { console.log(JSON.stringify({first, second: titles(), loaded: loaded.length, updates: updates.length})); }, 400);
+setTimeout(() => { console.log(JSON.stringify({first, second: titles(), loaded: loaded.length, updates: updates.length,
+                                               firstStyles, secondStyles: styles(), styleCount: head.length})); }, 400);
 """
+
+
+def run_harness(txt, img, new, marks_txt=None, marks_img=None, marks_new=None):
+    """vmix.js on the stand-in page: hints (and marks, None: a carrier without the attribute) of
+    the txt2img and img2img info lines, then txt2img's replaced by ``new`` / ``marks_new``."""
+    args = [os.path.join(ROOT, "javascript", "vmix.js"), json.dumps(txt), json.dumps(img), json.dumps(new),
+            json.dumps(marks_txt), json.dumps(marks_img), json.dumps(marks_new)]
+    result = subprocess.run([NODE, "-e", HARNESS, *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 @pytest.mark.skipif(NODE is None, reason="node is not installed")
@@ -70,10 +88,7 @@ def test_hints_go_on_vmix_elements_only():
     txt = panel.hints(dims[:2], "sd15", 1.0, "models/VMix")
     img = panel.hints(dims[:3], "sdxl", 1.0, "models/VMix")
     new = panel.hints(dims[3:4], "sd15", 1.0, "models/VMix")
-    args = [os.path.join(ROOT, "javascript", "vmix.js"), json.dumps(txt), json.dumps(img), json.dumps(new)]
-    result = subprocess.run([NODE, "-e", HARNESS, *args], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
+    out = run_harness(txt, img, new)
     assert (out["loaded"], out["updates"]) == (1, 1)
     first = out["first"]
     # the accordion's hint is on its header, every other hint on the element with its id
@@ -86,3 +101,27 @@ def test_hints_go_on_vmix_elements_only():
     assert second["script_txt2img_vmix_alpha_1"] == panel.alpha_hint(dims[3])  # follows the new adapter
     assert second["script_txt2img_vmix_alpha_2"] == txt["alpha_2"]  # slots the new one lacks keep theirs
     assert second["script_img2img_vmix_alpha_3"] == img["alpha_3"]
+
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_marks_show_after_the_adapter_list_items_of_their_own_tab():
+    """Issue 22: files that fail the full check are marked in the dropdown's list, by CSS on the
+    items whose aria-label is the name (gradio 3.41 and 4.40), one <style> per tab; the choices
+    and values stay the plain names."""
+    hints = panel.hints(folder="models/VMix")
+    txt = {"0_nan": panel.DAMAGED_MARK, 'odd "name\\': panel.UNUSABLE_MARK}
+    out = run_harness(hints, hints, hints, txt, {}, {})
+    assert out["firstStyles"] == {
+        "script_txt2img_vmix_list_marks": (
+            'style: #script_txt2img_vmix_adapter li.item[aria-label="0_nan"]::after { content: "⚠ damaged"; }\n'
+            '#script_txt2img_vmix_adapter li.item[aria-label="odd \\"name\\\\"]::after { content: "⚠ not usable"; }\n'),
+        "script_img2img_vmix_list_marks": "style: ",
+    }
+    # the file was copied again and 🔄 pressed in txt2img: its marks go, the same element is reused
+    assert out["secondStyles"] == {"script_txt2img_vmix_list_marks": "style: ", "script_img2img_vmix_list_marks": "style: "}
+    assert out["styleCount"] == 2
+    # an info line from before this change (no data-vmix-marks): no marks, hints as before
+    old = run_harness(hints, hints, hints)
+    assert old["secondStyles"] == {"script_txt2img_vmix_list_marks": "style: ", "script_img2img_vmix_list_marks": "style: "}
+    assert old["second"]["script_txt2img_vmix_strength"] == hints["strength"]

@@ -217,3 +217,22 @@ def test_messages_name_the_folder_as_shown_and_keep_the_full_path_for_the_consol
     assert "models/VMix" in str(e.value) and str(empty) in console_text(e.value) and str(empty) not in str(e.value)
     broken = AdapterLibrary(lambda: str(folder), shown=lambda path: 1 / 0)
     assert broken.shown_folder() == "the adapter folder"  # never the path because the helper failed
+
+
+def test_checking_the_whole_list_reads_each_file_once_and_keeps_the_adapter_in_use(folder):
+    """The adapter list's marks (issue 22) need every file's full check: each version of a file is
+    read once, and checking the list does not push the adapter in use out of the cache."""
+    data = (folder / "alpha.safetensors").read_bytes()
+    os.remove(folder / "alpha.safetensors")  # its own file, not a hard link to Beta's
+    (folder / "alpha.safetensors").write_bytes(data)
+    paths = []
+    lib = AdapterLibrary(lambda: str(folder), cache_size=1, loader=counting_loader(paths))
+    in_use = lib.load("Beta")
+    for _ in range(3):
+        assert lib.verdicts() == {"alpha": None, "Beta": None}
+    assert paths == [("Beta.safetensors", "cpu"), ("alpha.safetensors", "cpu")]
+    assert lib.load("Beta") is in_use and lib.loads == 1
+    os.utime(folder / "alpha.safetensors", ns=(1, 1))  # a new version: read again, once
+    lib.verdicts()
+    lib.verdicts()
+    assert paths[2:] == [("alpha.safetensors", "cpu")]

@@ -139,11 +139,26 @@ def hint_map(text):
     """The {suffix: hint} the info line carries for javascript/vmix.js."""
     import html as html_lib
     import json
+
+    return json.loads(html_lib.unescape(carried(text)[0]))
+
+
+def carried(text):
+    """(hints, marks) attribute texts of the info line's hidden carrier."""
     import re
 
-    found = re.findall(r"<span class='vmix-hints' hidden data-vmix-adapter=\"[^\"]*\" data-vmix-hints=\"([^\"]*)\"></span>", text)
+    found = re.findall(r"<span class='vmix-hints' hidden data-vmix-adapter=\"[^\"]*\" data-vmix-hints=\"([^\"]*)\" "
+                       r"data-vmix-marks=\"([^\"]*)\"></span>", text)
     assert len(found) == 1 and text.endswith("</span>")
-    return json.loads(html_lib.unescape(found[0]))
+    return found[0]
+
+
+def mark_map(text):
+    """The {name: mark} the info line carries for the adapter list."""
+    import html as html_lib
+    import json
+
+    return json.loads(html_lib.unescape(carried(text)[1]))
 
 
 @pytest.fixture
@@ -184,6 +199,39 @@ def test_the_full_check_runs_once_per_file_version(damaged, monkeypatch):
     assert library.check("a_nan") is not None and reads.count("a_nan.safetensors") == 2
 
 
+def test_files_that_fail_the_full_check_are_marked_in_the_list(damaged):
+    """Issue 22: a damaged file is marked in the adapter list itself, not only on the info line once
+    chosen.  The list's choices and values stay the plain names; the marks ride with the info line."""
+    folder, _ = damaged
+    (folder / "broken.safetensors").write_bytes(b"junk")
+    from vmix_lib.adapter_file import load_adapter
+
+    reads = []
+    library = AdapterLibrary(lambda: str(folder), loader=lambda path, device: reads.append(os.path.basename(path))
+                             or load_adapter(path, device))
+    in_use = library.load("good")
+    reads.clear()
+    expected = {"a_nan": "⚠ damaged", "broken": "⚠ not usable"}
+    assert (panel.DAMAGED_MARK, panel.UNUSABLE_MARK) == ("⚠ damaged", "⚠ not usable")
+    for selected in ("good", "a_nan", None, "good"):  # every adapter change and 🔄 sends the marks again
+        text = panel.info_html(library, selected, SD15)
+        assert mark_map(text) == expected
+    assert library.names() == ["a_nan", "broken", "good"]  # the dropdown's choices: plain names
+    assert "⚠ damaged: VMix adapter &#x27;a_nan.safetensors&#x27; has non-finite" in panel.info_html(library, "a_nan", SD15)
+    # each file was read once for its mark (the good one is in use, already checked); the adapter in
+    # use stays loaded
+    assert sorted(reads) == ["a_nan.safetensors", "broken.safetensors"]
+    assert library.load("good") is in_use and library.loads == 1
+    # copied again (a new version): checked again once, and no longer marked
+    (folder / "a_nan.safetensors").write_bytes((folder / "good.safetensors").read_bytes())
+    os.utime(folder / "a_nan.safetensors", ns=(1, 1))
+    assert mark_map(panel.info_html(library, "good", SD15)) == {"broken": "⚠ not usable"}
+    assert mark_map(panel.info_html(library, "good", SD15)) == {"broken": "⚠ not usable"}
+    assert sorted(reads) == ["a_nan.safetensors", "a_nan.safetensors", "broken.safetensors"]
+    # no folder, an empty folder: nothing to mark
+    assert mark_map(panel.info_html(AdapterLibrary(lambda: str(folder / "none")), None, None)) == {}
+
+
 def test_hints_explain_every_control(library):
     hints = hint_map(panel.info_html(library, "style <b>", SD15))
     assert set(hints) == {"enabled", "adapter", "refresh", "strength", "start", "end", "uncond", "block_weights",
@@ -192,7 +240,7 @@ def test_hints_explain_every_control(library):
     assert "“vibrant color”" in hints["alpha_1"] and "0 = its negative “sks”" in hints["alpha_1"]
     assert "“evocative emotion”" in hints["alpha_6"]
     assert "Example: IN:1, MID:0.5, OUT:1" in hints["block_weights"] and "16 for this SD1.5 adapter" in hints["block_weights"]
-    assert "unconditional pass" in hints["uncond"] and "fraction of sampling" in hints["start"]
+    assert "unconditional pass" in hints["uncond"] and "fractions of the denoising" in hints["start"]
     assert "adapter folder" in hints["refresh"] and "No official VMix weights" in hints["adapter"]
     # a name that is not installed keeps the last adapter's sliders, and so their hints
     unknown = hint_map(panel.info_html(library, "g", SD15))

@@ -8,7 +8,7 @@ import torch
 
 from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
     single_thread,
-    A1111Model, ForgeModel, P, TestHost, make_unet, write_adapter,
+    A1111Model, ForgeModel, P, TestHost, make_unet, plaintext_to_html, process_images, ui_job, write_adapter,
 )
 from vmix_lib.adapter_file import load_adapter
 from vmix_lib.layers import LAYOUTS
@@ -112,13 +112,17 @@ def test_mismatch_with_the_stop_setting_stops_at_the_first_unet_call(library, me
     ([{"adapter": "sd15_style", "dimensions": {"mood": 1}}], "VMix dimensions: unknown aesthetic dimension 'mood'"),
     ([True, "sd15_style", 1.0] + [1.0] * 8 + [0, 1, True, "IN3:1"], "VMix block weights: IN3 has no cross-attention"),
 ])
-def test_invalid_arguments_stop_the_job_with_one_sentence(library, meta_models, args, words):
+@pytest.mark.parametrize("is_api", [True, False])
+def test_invalid_arguments_stop_the_job_with_one_sentence(library, meta_models, args, words, is_api):
     unet = meta_models["sd15"]
-    runner, host, p = run(library, A1111Model(unet), args)
-    with pytest.raises(VMixError) as e:
+    runner, host, p = run(library, A1111Model(unet), args, is_api=is_api)
+    # a UI job is interrupted before sampling, with the sentence as a comment; an API job is not
+    assert host.state.interrupted is not is_api and p.do_not_save_grid is not is_api
+    with pytest.raises(VMixError) as e:  # the API's stop; for the UI, should anything sample anyway
         unet_call(unet)
     assert words in str(e.value) and "\n" not in str(e.value)
     assert host.warnings == [f"{e.value} The job is stopped."]
+    assert p.comments == ({} if is_api else {f"{e.value} The job is stopped.": 1})
     # what the WebUI's API turns an exception into (handle_exception reads these attributes)
     assert vars(e.value).get("status_code", 500) == 422 and vars(e.value).get("detail") == str(e.value)
     assert sum(len(m._forward_hooks) for m in unet.modules()) == 0  # never a half-applied hook
@@ -228,7 +232,7 @@ def test_a_stopped_api_job_is_a_422_without_a_console_traceback(library, meta_mo
 
     unet = meta_models["sd15"]
     runner = VMixRunner(Host(A1111Model(unet)), library)
-    p = P(A1111Model(unet))
+    p = P(A1111Model(unet), is_api=True)
     runner.process(p, [True, "../sd15_style", 1.0])
     runner.before_sampling(p)
     with pytest.raises(VMixError) as e:
@@ -298,3 +302,63 @@ def test_the_next_generation_reuses_v_a_unless_adapter_or_alpha_change(library, 
         runner.postprocess(p)
     assert values[0] is values[1] is values[2] and values[3] is values[4] and values[2] is not values[3]
     assert len(made) == 2  # λ and block weights changed without a new V_a; an α change made one
+
+
+BAD_BLOCKS = [True, "sd15_style", 1.0] + [1.0] * 8 + [0.0, 1.0, True, "IN:9"]
+BAD_BLOCKS_SENTENCE = ("VMix block weights: 'IN:9' needs a weight from 0 to 2; write e.g. IN:1, MID:0.5, OUT:1 "
+                       "(see the README for block and layer numbers).")
+
+
+@pytest.mark.parametrize("webui", ["a1111", "forge"])
+@pytest.mark.parametrize("args, sentence, options", [
+    (BAD_BLOCKS, f"{BAD_BLOCKS_SENTENCE} The job is stopped.", RunnerOptions()),
+    ([True, "broken", 1.0], None, RunnerOptions(on_mismatch=ON_MISMATCH_STOP)),
+])
+def test_a_job_stopped_from_the_ui_prints_one_console_line_and_shows_the_sentence(
+        library, meta_models, webui, args, sentence, options):
+    """Issue 21: bad block weights from the UI printed a ~70-line traceback (the UI's job wrapper
+    prints any exception) while the API printed one line.  Now a UI job stops before sampling, as
+    Interrupt would: the console has VMix's one line, the page shows the sentence under the infotext."""
+    unet = meta_models["sd15"]
+    model = A1111Model(unet) if webui == "a1111" else ForgeModel(unet)
+    host = TestHost(model)
+    runner = VMixRunner(host, library, lambda: options)
+    p = P(model, script_args=args, n_iter=2)
+    calls = unet.calls
+    outputs, printed = ui_job(webui, host.state, lambda: process_images(p, runner, host.state, lambda: unet_call(unet)))
+    if sentence is None:  # a malformed file with the stop setting: the file's own sentence
+        assert len(host.warnings) == 1 and host.warnings[0].startswith("VMix adapter 'broken.safetensors' ")
+        sentence = host.warnings[0]
+    assert host.warnings + printed == [sentence]  # the console: VMix's line, no traceback
+    assert outputs == [[], plaintext_to_html(f"{sentence}\n", classname="comments")]
+    assert unet.calls == calls  # nothing was sampled, so no image and no grid (p.do_not_save_grid)
+    assert p.do_not_save_grid is True and "VMix" not in p.extra_generation_params
+    assert host.state.interrupted is False  # the UI's wrapper resets it for the next job
+    assert vmix_hooks(unet) == 0  # postprocess ran
+    # the next job runs
+    host.begin_job("20250101000400")
+    nxt = P(model, script_args=[True, "sd15_style", 1.0])
+    outputs, printed = ui_job(webui, host.state, lambda: process_images(nxt, runner, host.state, lambda: unet_call(unet)))
+    assert (len(outputs[0]), printed, len(host.warnings)) == (1, [], 1)
+    assert nxt.extra_generation_params["VMix"] == "True"
+
+
+def test_the_same_stop_from_the_api_is_a_422_and_the_same_one_line(library, meta_models, monkeypatch):
+    from vmix_lib.webui import host as webui_host
+
+    monkeypatch.setattr(webui_host, "_api_error_class", [webui_host.api_error_class(StarletteLikeHTTPException)])
+
+    class Host(TestHost):
+        stop_error = webui_host.WebUIHost.stop_error
+
+    unet = meta_models["sd15"]
+    host = Host(A1111Model(unet))
+    runner = VMixRunner(host, library)
+    p = P(A1111Model(unet), script_args=BAD_BLOCKS, is_api=True)  # modules/api/api.py:469
+    with pytest.raises(VMixError) as e:  # process_images raises out of text2imgapi to handle_exception
+        process_images(p, runner, host.state, lambda: unet_call(unet))
+    status, err, traceback_printed = webui_handle_exception(e.value)
+    assert (status, err["detail"], traceback_printed) == (422, BAD_BLOCKS_SENTENCE, False)
+    assert host.warnings == [f"{BAD_BLOCKS_SENTENCE} The job is stopped."]
+    assert host.state.interrupted is False and p.comments == {}
+    runner.shutdown()

@@ -435,3 +435,25 @@ def test_dimension_vocabulary_includes_installed_adapters():
     _, plain = registered(list_dimensions=lambda: [])
     with pytest.raises(ValueError, match="unknown aesthetic dimension 'gloss'"):
         plain["[VMix] Dimensions"].confirm(P(), ["gloss"])
+
+
+def test_start_and_end_mean_one_thing_in_the_422_message_the_hints_and_the_axes():
+    """Issue 21: the 422 said "fractions of the sampling steps" while the hover hint spoke of the noise
+    schedule.  One sentence, arguments.RANGE_MEANING, true on A1111 (the sampler's denoiser calls)
+    and on Forge (percent_to_sigma's noise schedule), is used by all of them."""
+    from vmix_lib.webui import panel
+    from vmix_lib.webui.arguments import RANGE_MEANING, VMixArgumentError, parse_script_args
+
+    assert RANGE_MEANING == ("fractions of the denoising from 0 (most noise) to 1 (no noise left), counted in the "
+                             "sampler's steps on A1111 and along the model's noise schedule on Forge")
+    with pytest.raises(VMixArgumentError) as e:
+        parse_script_args([{"start": 0.6, "end": 0.4}])
+    assert str(e.value) == f"VMix start (0.6) must be below end (0.4); both are {RANGE_MEANING}."
+    hints = panel.hints()
+    assert hints["start"] == f"Start: where VMix begins acting (0 = from the first step). Start and End are {RANGE_MEANING}."
+    assert hints["end"] == f"End: where VMix stops acting, above Start (1 = until the last step). Start and End are {RANGE_MEANING}."
+    _, axes = registered()
+    for label in ("[VMix] Start", "[VMix] End"):
+        with pytest.raises(ValueError) as e:
+            axes[label].confirm(P(), [1.5])
+        assert str(e.value) == f"{label} value 1.5 is outside 0 to 1; use {RANGE_MEANING}."

@@ -155,6 +155,19 @@ class WebUIPage:
         self.blur()
         return names
 
+    def adapter_marks(self, tab: str) -> Dict[str, str]:
+        """{name: the CSS content after the list item} for the adapter list's items (javascript/vmix.js
+        marks files that fail the full check; "none" or "normal" where there is no mark)."""
+        box = self.adapter_box(tab)
+        box.click()
+        options = self.wait(lambda: self.finds(f"#{self.vid(tab, 'adapter')} li[data-testid='dropdown-option']"),
+                            "the adapter list")
+        marks = {o.get_attribute("aria-label"): self.js("return getComputedStyle(arguments[0], '::after').content;", o)
+                 for o in options}
+        box.send_keys(Keys.ESCAPE)
+        self.blur()
+        return marks
+
     def blur(self) -> None:
         self.js("document.activeElement && document.activeElement.blur();")
 

@@ -5,10 +5,12 @@ one α and the infotext; "Read generation parameters"; "Send to img2img"; the re
 a newly copied adapter; a damaged file and "Reload UI" after a failed job.  Each step prints what it
 saw (run with -s) and writes screenshots; report.txt collects the lines.
 """
+import json
 import os
 import re
 import shutil
 import time
+import urllib.error
 
 import pytest
 
@@ -177,12 +179,30 @@ def test_07_damaged_file_and_reload_ui_after_a_failed_job(page, state, adapter_d
     log = os.environ.get("VMIX_E2E_LOG")
     log_start = os.path.getsize(log) if log and os.path.exists(log) else 0
     try:
-        # a job stopped by bad block weights raises at its first UNet call, so its postprocess never
-        # runs and VMix's UNet pre-hook is left behind until the next job or "Reload UI"
+        # A job stopped by bad block weights from the UI stops before sampling: VMix's one console
+        # line, no traceback, the sentence under the infotext (issue 21).
         page.set_text(page.vid(tab, "block_weights"), "IN:9")
         error = page.generate(tab, expect="VMix")
         page.note(f"  failed job: {error}")
-        assert "IN:9" in error or "block weight" in error.lower()
+        assert "IN:9" in error and error.rstrip().endswith("The job is stopped.")
+        page.set_text(page.vid(tab, "block_weights"), "")
+        # The same from the API answers 422 with the sentence; that job raises at its first UNet call,
+        # so its postprocess never runs and VMix's UNet pre-hook stays until the next job or "Reload UI".
+        try:
+            page.api_json("/sdapi/v1/txt2img", dict(SMALL, prompt="bad block weights", alwayson_scripts={
+                "VMix": {"args": [{"adapter": state["adapter"], "block_weights": "IN:9"}]}}))
+            status, detail = 200, ""
+        except urllib.error.HTTPError as e:
+            status, detail = e.code, json.loads(e.read()).get("detail", "")
+        page.note(f"  the same from the API: {status} {detail}")
+        assert status == 422 and "IN:9" in detail
+        if log:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                f.seek(log_start)
+                printed = f.read()
+            stops = [line.strip() for line in printed.splitlines() if "[VMix]" in line and "IN:9" in line]
+            page.note(f"  console for the two stopped jobs: {stops}")
+            assert len(stops) == 2 and "Traceback" not in printed and "Error completing request" not in printed
         page.reload_ui()
         default = page.adapter_value(tab)
         api_default = page.api_json("/sdapi/v1/txt2img", dict(SMALL, prompt="default adapter",
@@ -192,6 +212,11 @@ def test_07_damaged_file_and_reload_ui_after_a_failed_job(page, state, adapter_d
                   f"{api_adapter.group(1).strip() if api_adapter else None!r}")
         assert default != DAMAGED and api_adapter and api_adapter.group(1).strip() != DAMAGED
         page.set_enabled(tab, True)
+        # the damaged file is marked in the list itself (issue 22); the value stays its name
+        marks = page.wait(lambda: (lambda m: m.get(DAMAGED) == '"⚠ damaged"' and m)(page.adapter_marks(tab)),
+                          "the damaged file's mark in the adapter list")
+        page.note(f"  marks in the adapter list: {marks}")
+        assert marks[state["adapter"]] in ("none", "normal")
         page.pick_adapter(tab, DAMAGED)
         info = page.wait(lambda: "damaged" in page.info(tab) and page.info(tab), "the damaged-file line")
         page.note(f"  {DAMAGED}: {info}")

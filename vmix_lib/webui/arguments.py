@@ -7,8 +7,8 @@ Positional order (what ``ui()`` returns, and ``alwayson_scripts: {"VMix": {"args
     2  strength       float  λ, 0 to 3
     3..10 alpha 1..8  float  α of the adapter's dimensions 1..8 in the adapter's order, 0 to 1
                              (slots beyond the adapter's dimension count are ignored)
-    11 start          float  start of the sampling range, fraction 0 to 1
-    12 end            float  end of the sampling range, fraction 0 to 1, above start
+    11 start          float  where VMix begins acting, 0 to 1 (RANGE_MEANING)
+    12 end            float  where VMix stops acting, 0 to 1, above start
     13 uncond         bool   also apply to the unconditional (negative) pass
     14 block weights  str    see vmix_lib.webui.blocks
 
@@ -31,6 +31,12 @@ MAX_DIMENSION_SLOTS = 8
 STRENGTH_RANGE = (0.0, 3.0)
 ALPHA_RANGE = (0.0, 1.0)
 FRACTION_RANGE = (0.0, 1.0)
+# What start and end measure, in the words every place uses (the 422 message, the hover hints, the
+# X/Y/Z axes, the README).  A1111: the fraction of the sampler's denoiser calls so far
+# (denoiser.step / denoiser.total_steps); Forge: a sigma window from the model's percent_to_sigma,
+# i.e. a fraction of its 1000-step noise schedule (see vmix_lib.webui.lifecycle).
+RANGE_MEANING = ("fractions of the denoising from 0 (most noise) to 1 (no noise left), counted in the sampler's "
+                 "steps on A1111 and along the model's noise schedule on Forge")
 ALL_DIMENSIONS = "*"  # in an "alphas" override: the weight of every dimension not named
 
 POSITIONAL_NAMES: Tuple[str, ...] = (
@@ -157,8 +163,7 @@ def as_alpha_dict(value: Any, name: str, source: str) -> Dict[str, float]:
 def check_range(settings: VMixSettings) -> VMixSettings:
     if not settings.start < settings.end:
         raise VMixArgumentError(
-            f"VMix start ({settings.start:g}) must be below end ({settings.end:g}); "
-            "both are fractions of the sampling steps from 0 to 1."
+            f"VMix start ({settings.start:g}) must be below end ({settings.end:g}); both are {RANGE_MEANING}."
         )
     return settings
 

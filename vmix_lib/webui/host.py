@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from ..layers import FamilyReport, detect_family, find_cross_attention_layers
 from . import compat, library
 from .lifecycle import VMixError
-from .runner import ON_MISMATCH_SKIP, ON_MISMATCH_STOP, RunnerOptions
+from .runner import ON_MISMATCH_SKIP, ON_MISMATCH_STOP, RunnerOptions, stop_before_sampling
 
 SECTION = ("vmix", "VMix")
 OPT_FOLDER = "vmix_model_dir"
@@ -265,6 +265,11 @@ class WebUIHost:
 
     def stop_error(self, message: str) -> VMixError:
         return _webui_api_error_class()(message)
+
+    def stop_before_sampling(self, p, sentence: str) -> bool:
+        from modules import shared
+
+        return stop_before_sampling(p, shared.state, sentence)
 
 
 # ---------------------------------------------------------------- callbacks and settings

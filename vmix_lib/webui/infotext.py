@@ -6,7 +6,7 @@ Keys (the WebUI's key rule: letters, digits, spaces, '-' and '/'; no ':' '(' ')'
     VMix adapter         name and short hash: "my_adapter (0123456789)"
     VMix strength        λ, e.g. 1.4
     VMix dimensions      α of the dimensions that are not 1, e.g. "lighting=0.5 emotion=0" (omitted: all 1)
-    VMix range           start-end as fractions of the sampling, e.g. 0-1
+    VMix range           start-end, e.g. 0-1 (fractions of the denoising: arguments.RANGE_MEANING)
     VMix uncond          True / False: applied to the unconditional (negative) pass
     VMix block weights   the block-weight text (omitted when empty)
     VMix note            only when part of the job ran without VMix (e.g. an SDXL refiner)

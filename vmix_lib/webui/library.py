@@ -6,7 +6,8 @@ one sentence before any file is touched, so no request can read a file outside t
 
 Loaded adapters stay on the CPU (the mixer computes V_a on the UNet's device) and are cached by
 path + modification time + size, so a generation does not re-read a 300 MB file; so is the verdict of
-the full check (every tensor read, finite), so a damaged file is named as soon as it is selected.
+the full check (every tensor read, finite), so the panel marks damaged files in its list (every
+file is read once per version, not at every refresh) and names the damage when one is selected.
 
 Messages name the folder as users see it (``shown_folder``: relative to the WebUI folder, e.g.
 "models/VMix"), never the server's absolute path, because they reach HTTP API clients; the
@@ -244,9 +245,11 @@ class AdapterLibrary:
                 self._adapters.popitem(last=False)
             return adapter
 
-    def check(self, name: str) -> Optional[AdapterError]:
+    def check(self, name: str, keep: bool = True) -> Optional[AdapterError]:
         """None when the file loads completely (every tensor read and finite), else the loader's
-        AdapterError.  Cached by path, modification time and size: each file is checked once."""
+        AdapterError.  Cached by path, modification time and size: each file is checked once.
+        ``keep``: keep the loaded adapter in the cache (False when checking a whole list, so the
+        adapter in use is not pushed out)."""
         path = self.path_of(name)
         stamp = _stamp(path)
         with self._lock:
@@ -254,12 +257,28 @@ class AdapterLibrary:
             if cached is not None and cached[0] == stamp:
                 return cached[1]
             try:
-                self.load(name)
+                if keep:
+                    self.load(name)
+                else:
+                    self._loader(path, device="cpu")
                 verdict = None
             except AdapterError as e:
                 verdict = e
             self._checks[path] = (stamp, verdict)
             return verdict
+
+    def verdicts(self) -> Dict[str, Optional[AdapterError]]:
+        """check() of every listed file, for marking the unusable ones in the adapter list: each
+        version of a file is read once (the check's cache), later calls only look at the folder.
+        Names that cannot be checked (gone since listing, refused names, an unexpected loader
+        error) are left out: their problem shows when they are chosen."""
+        out: Dict[str, Optional[AdapterError]] = {}
+        for name in self.names():
+            try:
+                out[name] = self.check(name, keep=False)
+            except Exception:
+                continue
+        return out
 
     def short_hash(self, name: str) -> Optional[str]:
         """First 10 hex digits of the file's sha256 (cached by path, mtime and size); None if hashing is off."""

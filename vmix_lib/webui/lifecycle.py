@@ -74,6 +74,7 @@ class Host(Protocol):
     def current_patcher(self) -> Optional[Any]: ...
     def warn(self, message: str) -> None: ...
     # optional: def stop_error(self, message: str) -> VMixError  (the exception that stops a job)
+    # optional: def stop_before_sampling(self, p, sentence: str) -> bool  (runner: a UI job stops before sampling)
     # optional: def model_title(self, p) -> Optional[str]  (Forge/Neo: "Flux", "Qwen-Image", ... for non-UNets)
 
 

@@ -9,6 +9,15 @@ table keyed by the control's text).  VMix's hints depend on the selected adapter
 the info line: a hidden element whose ``data-vmix-hints`` attribute holds {element id suffix: text},
 and javascript/vmix.js sets those titles on the VMix elements of the same tab (ids
 ``script_<tab>_vmix_<suffix>``) and on nothing else.
+
+Marks in the adapter list: files that fail the full check are marked in the dropdown's list
+("name ⚠ damaged").  The choices stay the plain names, so the value the panel, the infotext, "Send
+to", ui-config.json, the API and X/Y/Z see is always the name: gradio 3.41 (A1111) has no
+(label, value) choices (gradio/components/dropdown.py:84 makes every choice a string), and with
+gradio 4.40's labels (dropdown.py:83-87) the box would show, and a blur send, the label.  So the
+marks travel with the hints ({name: mark} in ``data-vmix-marks``) and javascript/vmix.js turns them
+into CSS ``::after`` text on the list items whose ``aria-label`` is the name (both versions render
+``<li class="item" aria-label="<name>">``: js/dropdown/shared/DropdownOptions.svelte).
 """
 from __future__ import annotations
 
@@ -19,10 +28,14 @@ from typing import Dict, List, Optional, Sequence
 from ..adapter_file import AdapterError, AdapterInfo
 from ..dimensions import AestheticDimension
 from ..layers import FAMILY_TITLES, LAYOUTS, FamilyReport
-from .arguments import MAX_DIMENSION_SLOTS
+from .arguments import MAX_DIMENSION_SLOTS, RANGE_MEANING
 from .library import NO_OFFICIAL_WEIGHTS, AdapterLibrary
 
 HINTS_ATTRIBUTE = "data-vmix-hints"
+MARKS_ATTRIBUTE = "data-vmix-marks"
+DAMAGED_MARK = "⚠ damaged"  # the header reads, a tensor does not (NaN, a broken copy): the info line says what
+UNUSABLE_MARK = "⚠ not usable"  # not a VMix adapter, truncated, another format: the info line says what
+_RANGE = f"Start and End are {RANGE_MEANING}."
 
 # The adapter box accepts typed values (so pasted infotexts with unknown names can show), and gradio
 # 3.41 (A1111) sends a change on every keystroke there while gradio 4.40 (Forge) sends one when the
@@ -91,9 +104,8 @@ def hints(dimensions: Optional[Sequence[AestheticDimension]] = None, family: Opt
         "strength": "Strength λ: how strongly the adapter's aesthetic values are added in every cross-attention "
                     f"layer (softmax(QKᵀ/√d)·(V + λ·V_a)). 0 = the base model, bit for bit; {trained} = the strength "
                     "it was trained at; the paper shows 0 to 2.",
-        "start": "Start: the fraction of sampling where VMix begins (0 = from the first step). In Forge it is "
-                 "read on the model's noise schedule, as Forge's ControlNet does.",
-        "end": "End: the fraction of sampling where VMix stops (1 = until the last step); above Start.",
+        "start": f"Start: where VMix begins acting (0 = from the first step). {_RANGE}",
+        "end": f"End: where VMix stops acting, above Start (1 = until the last step). {_RANGE}",
         "uncond": "On: the same λ on the unconditional pass (the negative prompt, which CFG pushes away from). "
                   "Off: only the prompt pass gets VMix. The paper does not say; the default is in Settings > VMix.",
         "block_weights": "Scales λ per cross-attention layer; empty = 1 everywhere. Comma-separated key:weight "
@@ -106,12 +118,32 @@ def hints(dimensions: Optional[Sequence[AestheticDimension]] = None, family: Opt
     return out
 
 
-def _hints_carrier(hint_map: Dict[str, str], selected: Optional[str]) -> str:
+def _hints_carrier(hint_map: Dict[str, str], selected: Optional[str], marks: Optional[Dict[str, str]] = None) -> str:
     """The hidden element javascript/vmix.js reads; it also names the adapter the line describes
     (so the line changes with the name even where two adapters read the same)."""
     data = html.escape(json.dumps(hint_map, ensure_ascii=False), quote=True)
     name = html.escape(selected or "", quote=True)
-    return f"<span class='vmix-hints' hidden data-vmix-adapter=\"{name}\" {HINTS_ATTRIBUTE}=\"{data}\"></span>"
+    marked = html.escape(json.dumps(marks or {}, ensure_ascii=False), quote=True)
+    return (f"<span class='vmix-hints' hidden data-vmix-adapter=\"{name}\" {HINTS_ATTRIBUTE}=\"{data}\" "
+            f"{MARKS_ATTRIBUTE}=\"{marked}\"></span>")
+
+
+def list_marks(library: AdapterLibrary) -> Dict[str, str]:
+    """{name: mark} for the installed files that fail the full check (cached per file version)."""
+    marks: Dict[str, str] = {}
+    try:
+        verdicts = library.verdicts()
+    except Exception:  # never break the panel over a mark
+        return marks
+    for name, problem in verdicts.items():
+        if problem is None:
+            continue
+        try:
+            library.info(name)
+            marks[name] = DAMAGED_MARK
+        except Exception:
+            marks[name] = UNUSABLE_MARK
+    return marks
 
 
 def fit_text(info: AdapterInfo, model: Optional[FamilyReport]) -> str:
@@ -124,10 +156,11 @@ def fit_text(info: AdapterInfo, model: Optional[FamilyReport]) -> str:
 
 def info_html(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport]) -> str:
     """One line: where adapters go when there are none, else family, dimensions and fit of ``selected``;
-    "damaged: ..." as soon as a selected file fails the full check.  Followed by the hints carrier."""
+    "damaged: ..." as soon as a selected file fails the full check.  Followed by the hints carrier
+    (with the marks of the adapter list)."""
     folder = library.shown_folder()
     line, hint_map = _line(library, selected, model, folder)
-    return line + _hints_carrier(hint_map, selected)
+    return line + _hints_carrier(hint_map, selected, list_marks(library) if folder is not None else None)
 
 
 def _line(library: AdapterLibrary, selected: Optional[str], model: Optional[FamilyReport], folder: Optional[str]):
@@ -158,7 +191,7 @@ def _line(library: AdapterLibrary, selected: Optional[str], model: Optional[Fami
                 f"{esc(type(e).__name__)}: {esc(str(e))}</span>"), hint_map
     if damage is not None:
         return (
-            f"<span class='vmix-info vmix-warning vmix-damaged'>⚠ damaged: {esc(str(damage))} "
+            f"<span class='vmix-info vmix-warning vmix-damaged'>{DAMAGED_MARK}: {esc(str(damage))} "
             "Copy it again or export it again with the trainer.</span>"
         ), hint_map
     dims = [d.name for d in info.dimensions]

@@ -7,9 +7,17 @@ carry on): problems end as one of
 
     skip   the job runs without VMix; one console warning; infotext "VMix: skipped (<reason>)"
            (no adapter installed, a malformed adapter file, an adapter for another model family)
-    stop   the job stops at its first UNet call with VMixError(<one sentence>)
+    stop   the job stops with one sentence, which is the console's one line about it
            (invalid arguments: unknown or unsafe adapter names, out-of-range values, bad block
-           weights; and the "skip" cases when Settings > VMix says to stop on a mismatch)
+           weights; and the "skip" cases when Settings > VMix says to stop on a mismatch):
+             UI jobs   before sampling, the way the WebUI's Interrupt button stops them
+                       (``stop_before_sampling``), the sentence under the infotext.  An exception
+                       would reach the UI's job wrapper, which prints it with its traceback
+                       (A1111 modules/call_queue.py:73-83 errors.report(exc_info=True); Forge
+                       modules_forge/main_thread.py:27-37 traceback.print_exc()).
+             API jobs  at the first UNet call with VMixError (p.is_api): the HTTP API answers
+                       422 with the sentence and prints nothing (see lifecycle.VMixError).
+           A stop decided after process() (the model changed before sampling) always raises.
 """
 from __future__ import annotations
 
@@ -58,6 +66,30 @@ class InvalidArgument(VMixArgumentError):
         self.console = console or message
 
 
+def stop_before_sampling(p, state, sentence: str) -> bool:
+    """Stop a UI job before it samples anything: True when done, False for an HTTP API job.
+
+    Called from ``process``.  A1111 and Forge check ``state.interrupted`` before each batch, right
+    after the scripts' process (A1111 1.10.1 modules/processing.py:914-939, Forge :906-931; A1111
+    1.6-1.7 check ``state.interrupted`` alone), so no image is made; ``postprocess`` still runs
+    and the UI's job wrapper resets the flag afterwards (modules/call_queue.py:54-59).  The
+    sentence is a processing comment, which the UI shows under the infotext
+    (modules/txt2img.py:120, img2img.py:253: ``processed.comments``).  No grid either: with
+    "Do not save grids consisting of one picture" off, an empty grid would fail (images.py:49-52).
+
+    An API job (p.is_api, set by modules/api/api.py for txt2img and img2img since A1111 1.6) must
+    answer 422 instead, so it stops at the first UNet call (lifecycle.VMixError).
+    """
+    if getattr(p, "is_api", False) or state is None:
+        return False
+    comment = getattr(p, "comment", None)
+    if callable(comment):
+        comment(sentence)
+    p.do_not_save_grid = True
+    state.interrupted = True
+    return True
+
+
 @dataclass
 class Prepared:
     mixer: Optional[ValueMixer]
@@ -91,16 +123,16 @@ class VMixRunner:
             settings = parse_script_args(args, ArgumentDefaults(options.default_strength, options.uncond_default))
             settings = apply_overrides(settings, getattr(p, OVERRIDES_ATTR, None))
         except VMixArgumentError as e:
-            return self._stop(gen, str(e))
+            return self._stop(gen, str(e), p=p)
         if not settings.enabled:
             return
         partial = Prepared(None, settings.adapter, None, {}, ())
         try:
             prepared = self._prepare(p, settings, partial)
         except VMixArgumentError as e:
-            return self._stop(gen, str(e), console=console_text(e))
+            return self._stop(gen, str(e), console=console_text(e), p=p)
         except CannotApply as e:
-            return self._cannot_apply(gen, settings, partial, str(e), options, console=console_text(e))
+            return self._cannot_apply(gen, settings, partial, str(e), options, console=console_text(e), p=p)
         except Exception as e:  # a bug of ours: say so once, run the job without VMix
             return self._cannot_apply(gen, settings, partial, f"unexpected error {type(e).__name__}: {e}",
                                       RunnerOptions(on_mismatch=ON_MISMATCH_SKIP))
@@ -188,19 +220,31 @@ class VMixRunner:
         except Exception:  # unreadable file, hashing off: the infotext simply has no hash
             return None
 
-    def _stop(self, gen: Generation, message: str, said_stopped: bool = False, console: Optional[str] = None) -> None:
+    def _stop(self, gen: Generation, message: str, said_stopped: bool = False, console: Optional[str] = None,
+              p=None) -> None:
+        """Stop the job with ``message``: one console line; a UI job (``p`` given: from process())
+        stops before sampling, any other at its first UNet call (the exception the API answers)."""
         console = console or message
         self.host.warn(console if said_stopped else f"{console} The job is stopped.")
+        # Kept for the UI too: should anything sample after all, the first UNet call stops it.
         self.controller.fail(gen, message)
+        if p is not None:
+            stop = getattr(self.host, "stop_before_sampling", None)
+            try:
+                if stop is not None:
+                    stop(p, message if said_stopped else f"{message} The job is stopped.")
+            except Exception:  # the UNet call still stops the job
+                pass
 
     def _cannot_apply(self, gen: Generation, settings: VMixSettings, partial: Prepared, reason: str,
-                      options: RunnerOptions, console: Optional[str] = None) -> None:
+                      options: RunnerOptions, console: Optional[str] = None, p=None) -> None:
         console = console or reason
         if options.on_mismatch == ON_MISMATCH_STOP:
             prefix = "" if reason.startswith("VMix") else "VMix: "  # file errors already name VMix
             stopped = ("; the job was stopped because Settings > VMix is set to stop when VMix cannot be applied. "
                        "Pick a matching adapter or turn VMix off.")
-            return self._stop(gen, f"{prefix}{reason}{stopped}", said_stopped=True, console=f"{prefix}{console}{stopped}")
+            return self._stop(gen, f"{prefix}{reason}{stopped}", said_stopped=True, console=f"{prefix}{console}{stopped}",
+                              p=p)
         self.host.warn(f"VMix skipped: {console}.")
         gen.params.update(infotext.build(
             settings, adapter_name=partial.adapter_name, short_hash=partial.short_hash, alphas=partial.alphas,

@@ -49,6 +49,8 @@ def build(script, library: AdapterLibrary, model_report: Callable[[], Optional[F
     adapter_id = script.elem_id("adapter")
     with InputAccordion(False, label="VMix", elem_id=script.elem_id("enabled")) as enabled:
         with gr.Row(elem_classes=["vmix-adapter-row"]):
+            # Choices are the plain names, the value everywhere (infotext, API, X/Y/Z, ui-config); files
+            # that fail the full check are marked in the list by javascript/vmix.js (see panel.py).
             adapter = gr.Dropdown(label="Adapter", choices=names, value=selected, allow_custom_value=True,
                                   elem_id=adapter_id)
             refresh = create_refresh_button(adapter, library.refresh, lambda: {"choices": library.names()},

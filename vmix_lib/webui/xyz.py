@@ -29,6 +29,7 @@ import sys
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from ..dimensions import DEFAULT_DIMENSIONS
+from .arguments import RANGE_MEANING
 
 OVERRIDES_ATTR = "vmix_overrides"
 ALL_DIMENSIONS = "*"  # key in an "alphas" override: the weight of every dimension not named
@@ -44,7 +45,7 @@ LABEL_UNCOND = "[VMix] Uncond"
 AXIS_LABELS = (LABEL_STRENGTH, LABEL_ENABLED, LABEL_ADAPTER, LABEL_DIMENSIONS, LABEL_START, LABEL_END, LABEL_UNCOND)
 
 STRENGTH_RANGE = (0.0, 3.0)  # the paper sweeps 0..2; a little headroom, nothing absurd
-FRACTION_RANGE = (0.0, 1.0)  # start/end: fraction of the sampling steps
+FRACTION_RANGE = (0.0, 1.0)  # start/end: see arguments.RANGE_MEANING
 FLOAT_DIGITS = 8  # xyz_grid rounds float labels to 8 digits; values match the labels (0.1 steps)
 
 # An adapter switch loads a file, so iterate that axis outside cheaper ones (checkpoint is 1.0).
@@ -281,9 +282,9 @@ def build_axis_options(
     strength_apply, strength_confirm = _float_axis(
         "strength", LABEL_STRENGTH, *STRENGTH_RANGE, "use values between 0 and 3, e.g. 0-2 [5] (the paper sweeps 0 to 2)")
     start_apply, start_confirm = _float_axis(
-        "start", LABEL_START, *FRACTION_RANGE, "use fractions of the sampling steps between 0 and 1")
+        "start", LABEL_START, *FRACTION_RANGE, f"use {RANGE_MEANING}")
     end_apply, end_confirm = _float_axis(
-        "end", LABEL_END, *FRACTION_RANGE, "use fractions of the sampling steps between 0 and 1")
+        "end", LABEL_END, *FRACTION_RANGE, f"use {RANGE_MEANING}")
     enabled_apply, enabled_confirm = _bool_axis("enabled", LABEL_ENABLED)
     uncond_apply, uncond_confirm = _bool_axis("uncond", LABEL_UNCOND)
     booleans = _boolean_choices(xyz)
