@@ -74,7 +74,7 @@ FIELDS: Tuple[Field, ...] = (
     Field("seed", "Seed", int, 0, 0, 2**63 - 1, "seed of prompts, labels, steps and noise: the same seed gives the same adapter"),
     Field("save_every", "Save every", int, 250, 0, 1_000_000, "save the adapter and its resume state every N steps (0 = only at the end)"),
     Field("preview_every", "Preview every", int, 250, 0, 1_000_000, "draw a λ-sweep preview every N steps (0 = never)"),
-    Field("gradient_checkpointing", "Gradient checkpointing", bool, True, hint="recompute the UNet's activations in the backward pass: much less memory, about a third slower"),
+    Field("gradient_checkpointing", "Gradient checkpointing", bool, True, hint="recompute the UNet's activations in the backward pass: much less memory, more time per step"),
     Field("unload_vae", "Unload VAE while training", bool, True, hint="keep the VAE in RAM while training (it is needed only for previews), as A1111's own training option"),
 )
 BY_KEY = {f.key: f for f in FIELDS}
