@@ -267,7 +267,7 @@ def _run(request: MakeRequest, model: WebUIModel, folder: str, status: JobStatus
     with model.opened(request.unload_vae) as opened:
         runtime = SingleProcess(opened.device, opened.precision)
         say(f"distilling {name} from {model.title} ({opened.device}, mixed precision {opened.precision}); "
-            f"files in {shown(work)}")
+            f"training files in {shown(folder)}/{name}{WORK_SUFFIX}")
         started = [None, None]  # (time, step) when the first step ended: the ETA leaves the setup out
 
         def on_step(report: StepReport) -> None:
