@@ -171,6 +171,13 @@ def test_malformed_predictors_are_refused_in_one_sentence(tmp_path, case):
     assert "\n" not in message and os.path.basename(path) in message
 
 
+def test_a_folder_given_as_predictor_is_told_to_name_the_file(tmp_path):
+    with pytest.raises(ScoringError) as e:
+        load_aesthetic_predictor(str(tmp_path))
+    assert str(e.value) == (f"aesthetic predictor {tmp_path} is a folder; name the predictor file itself, a .pth or "
+                            ".safetensors file such as sac+logos+ava1-l14-linearMSE.pth")
+
+
 # -- probes ----------------------------------------------------------------------------------
 def test_antonym_probability_is_the_pairwise_softmax_averaged():
     g = torch.Generator().manual_seed(0)
