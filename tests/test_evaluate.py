@@ -228,8 +228,8 @@ def test_malformed_predictor_and_missing_clip_are_one_sentence(tmp_path, clip_di
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("VMix evaluation: aesthetic predictor aes.pth does not have the LAION predictor's layers")
     assert main(["--images", folder, "--clip", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the CLIP model in" in err[0] and "could not be loaded" in err[0]
+    assert capsys.readouterr().err.strip() == (f"VMix evaluation: the CLIP folder {tmp_path / 'no-clip'} does not exist; name a "
+                                               "folder with config.json and the weights, or a hub id such as openai/clip-vit-large-patch14.")
 
 
 # -- offline, end to end ---------------------------------------------------------------------
