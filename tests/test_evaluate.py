@@ -160,6 +160,60 @@ def test_inception_features_need_torch_fidelity(monkeypatch):
         metrics.InceptionFeatures("weights.pth")
 
 
+# -- the pictures of the report -------------------------------------------------------------------
+def _no_two_overlap(boxes):
+    from vmix_lib.evaluate.report import _overlap
+
+    placed = [b for b in boxes if b is not None]
+    return all(not _overlap(a, b) for i, a in enumerate(placed) for b in placed[i + 1:])
+
+
+def test_lambda_labels_are_placed_where_no_other_label_marker_or_legend_is():
+    from vmix_lib.evaluate.report import _overlap, place_labels
+
+    frame, legend = (0, 0, 300, 200), (200, 0, 300, 30)
+    apart = [(40, 100), (120, 60), (200, 150)]
+    assert place_labels(apart, [(30, 12)] * 3, frame, [legend]) == [(46, 87, 76, 99), (126, 47, 156, 59), (206, 137, 236, 149)]
+    crowded = [(100 + 2 * k, 100 - k) for k in range(6)] + [(290, 5), (250, 20)]  # λ points a few pixels apart; the corner
+    boxes = place_labels(crowded, [(40, 12)] * len(crowded), frame, [legend])
+    assert _no_two_overlap(boxes) and [b is None for b in boxes] == [False] * 6 + [True, False]  # no room under the legend
+    markers = [(x - 4, y - 4, x + 4, y + 4) for x, y in crowded]
+    for box in filter(None, boxes):
+        assert not any(_overlap(box, m) for m in markers + [legend])
+        assert frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+
+
+def test_tradeoff_plot_labels_of_close_lambdas_do_not_overprint(tmp_path):
+    """Five λ of nearly one Aes/CLIP score (a weak adapter): the Pillow plot's label boxes are disjoint."""
+    from PIL import ImageDraw
+
+    from vmix_lib.evaluate import report
+    from vmix_lib.scoring.images import label_font
+
+    m = lambda v: {"mean": v, "ci95": [v - 0.01, v + 0.01]}
+    series = [{"name": "", "group": "offline", "baseline": (m(30.0), m(5.0)),
+               "points": [(lam, f"λ={lam:g}", m(30.0 + 0.001 * k), m(5.0 + 0.002 * k)) for k, lam in enumerate((0, 0.5, 1, 1.5, 2))]}]
+    draw = ImageDraw.Draw(Image.new("RGB", (760, 520)))
+    draw.font = label_font()
+    frame = (70, 40, 730, 465)
+    xy = lambda x, y: (70 + (x - 29.9) / 0.3 * 660, 465 - (y - 4.9) / 0.3 * 425)
+    labels, boxes = report.tradeoff_label_boxes(series, xy, draw, frame)
+    assert [t for _, _, t in labels] == ["off", "λ=0", "λ=0.5", "λ=1", "λ=1.5", "λ=2"]
+    assert boxes[0] is not None and _no_two_overlap(boxes)
+    assert report.plot_tradeoff(series, str(tmp_path / "t.png")) == str(tmp_path / "t.png")
+
+
+def test_probe_cells_are_marked_only_when_the_printed_interval_leaves_0():
+    """0.000 [0.000, 0.000] was marked green (its unprinted lower end was above 0)."""
+    from vmix_lib.evaluate.report import interval_class
+
+    cell = lambda low, high: {"mean": (low + high) / 2, "ci95": [low, high], "n": 8}
+    assert interval_class(cell(0.0002, 0.0004)) == "" and interval_class(cell(-0.0004, -0.0001)) == ""
+    assert interval_class(cell(0.0012, 0.004)) == "pos" and interval_class(cell(-0.004, -0.0006)) == "neg"
+    assert interval_class(cell(-0.01, 0.02)) == "" and interval_class(None) == "" and interval_class(cell(0.0002, 0.0004), 4) == "pos"
+    assert interval_class({"mean": None, "ci95": [None, None]}) == ""
+
+
 # -- image folders, the report, the CLI --------------------------------------------------------
 def _folder(path, images, prompts, jsonl=False):
     os.makedirs(path, exist_ok=True)
