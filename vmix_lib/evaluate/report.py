@@ -512,7 +512,8 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
     dist_notes = {s["distance"].get("note") for s in summary if s.get("distance", {}).get("note")}
     if any(s.get("distance") for s in summary):
         features = next(s["distance"].get("features") for s in summary if s.get("distance"))
-        parts.append(f"<p><small>FID/KID: torchmetrics on {e(str(features))}, against {e(str(results.get('reference')))}.</small></p>")
+        against = results.get("reference_images") or results.get("reference")  # says what was counted and skipped
+        parts.append(f"<p><small>FID/KID: torchmetrics on {e(str(features))}, against the {e(str(against))}.</small></p>")
     for note in dist_notes:
         parts.append(f"<div class='note'>{e(note)}</div>")
 
@@ -610,7 +611,7 @@ def write_all(out_dir: str, rows, scored, results, opts) -> Dict[str, str]:
         labels = (_title(axes[0], titles), _title(axes[1], titles))
         files["tradeoff"] = plot_tradeoff(series, os.path.join(out_dir, "tradeoff.png"), f"{labels[1]} vs {labels[0]} over λ", labels)
     if not series:
-        results["notes"].append("no λ trade-off plot: it needs λ settings and an Aes score (--aesthetic)" if axes == DEFAULT_AXES else
+        results["notes"].append("no λ trade-off plot: it needs λ settings, the CLIP score and the Aes score (--aesthetic-predictor)" if axes == DEFAULT_AXES else
                                 f"no λ trade-off plot: it needs λ settings and the metrics {axes[0]} and {axes[1]}")
     files["grid"] = draw_grid(rows, scored, os.path.join(out_dir, "grid.png"), opts.grid_prompts, axes=axes, titles=titles)
     files["html"] = write_html(out_dir, rows, scored, results, files, opts.grid_prompts, axes, opts.image_metrics)

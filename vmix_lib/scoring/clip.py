@@ -18,9 +18,8 @@ from typing import List, Sequence
 import torch
 
 from .errors import ScoringError
-from .paths import check_model_folder
+from .paths import DEFAULT_CLIP, check_model_folder
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the LAION aesthetic predictor's CLIP
 MAX_TOKENS = 77
 
 

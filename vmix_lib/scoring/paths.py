@@ -14,6 +14,8 @@ import os
 
 from .errors import ScoringError
 
+DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the LAION aesthetic predictor's CLIP (here: no torch import for --help)
+
 
 def expand(source: str) -> str:
     """``~`` and ``~user`` expanded (argparse gets ``--clip=~/x`` unexpanded from the shell)."""
