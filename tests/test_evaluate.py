@@ -162,10 +162,9 @@ def test_inception_features_need_torch_fidelity(monkeypatch):
 
 # -- the pictures of the report -------------------------------------------------------------------
 def _no_two_overlap(boxes):
-    from vmix_lib.evaluate.report import _overlap
-
+    overlap = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
     placed = [b for b in boxes if b is not None]
-    return all(not _overlap(a, b) for i, a in enumerate(placed) for b in placed[i + 1:])
+    return all(not overlap(a, b) for i, a in enumerate(placed) for b in placed[i + 1:])
 
 
 def test_lambda_labels_are_placed_where_no_other_label_marker_or_legend_is():
@@ -201,6 +200,24 @@ def test_tradeoff_plot_labels_of_close_lambdas_do_not_overprint(tmp_path):
     assert [t for _, _, t in labels] == ["off", "λ=0", "λ=0.5", "λ=1", "λ=1.5", "λ=2"]
     assert boxes[0] is not None and _no_two_overlap(boxes)
     assert report.plot_tradeoff(series, str(tmp_path / "t.png")) == str(tmp_path / "t.png")
+
+
+def test_tradeoff_plot_labels_do_not_overprint_with_matplotlib(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from vmix_lib.evaluate import report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to measure its labels
+    m = lambda v: {"mean": v, "ci95": [v - 0.01, v + 0.01]}
+    series = [{"name": name, "group": "offline", "baseline": (m(30.0), m(5.0)),
+               "points": [(lam, f"λ={lam:g}", m(30.0 + sign * 0.001 * k), m(5.0 + 0.002 * k)) for k, lam in enumerate((0, 0.5, 1, 1.5, 2))]}
+              for name, sign in (("a", 1), ("b", -1))]
+    report.plot_tradeoff(series, str(tmp_path / "t.png"))
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    texts = fig.axes[0].texts
+    boxes = [tuple(t.get_window_extent(renderer).extents) for t in texts]
+    assert "off" in [t.get_text() for t in texts] and len(texts) >= 6 and _no_two_overlap(boxes)
 
 
 def test_probe_cells_are_marked_only_when_the_printed_interval_leaves_0():
