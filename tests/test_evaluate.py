@@ -160,6 +160,77 @@ def test_inception_features_need_torch_fidelity(monkeypatch):
         metrics.InceptionFeatures("weights.pth")
 
 
+# -- the pictures of the report -------------------------------------------------------------------
+def _no_two_overlap(boxes):
+    overlap = lambda a, b: a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+    placed = [b for b in boxes if b is not None]
+    return all(not overlap(a, b) for i, a in enumerate(placed) for b in placed[i + 1:])
+
+
+def test_lambda_labels_are_placed_where_no_other_label_marker_or_legend_is():
+    from vmix_lib.evaluate.report import _overlap, place_labels
+
+    frame, legend = (0, 0, 300, 200), (200, 0, 300, 30)
+    apart = [(40, 100), (120, 60), (200, 150)]
+    assert place_labels(apart, [(30, 12)] * 3, frame, [legend]) == [(46, 87, 76, 99), (126, 47, 156, 59), (206, 137, 236, 149)]
+    crowded = [(100 + 2 * k, 100 - k) for k in range(6)] + [(290, 5), (250, 20)]  # λ points a few pixels apart; the corner
+    boxes = place_labels(crowded, [(40, 12)] * len(crowded), frame, [legend])
+    assert _no_two_overlap(boxes) and [b is None for b in boxes] == [False] * 6 + [True, False]  # no room under the legend
+    markers = [(x - 4, y - 4, x + 4, y + 4) for x, y in crowded]
+    for box in filter(None, boxes):
+        assert not any(_overlap(box, m) for m in markers + [legend])
+        assert frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+
+
+def test_tradeoff_plot_labels_of_close_lambdas_do_not_overprint(tmp_path):
+    """Five λ of nearly one Aes/CLIP score (a weak adapter): the Pillow plot's label boxes are disjoint."""
+    from PIL import ImageDraw
+
+    from vmix_lib.evaluate import report
+    from vmix_lib.scoring.images import label_font
+
+    m = lambda v: {"mean": v, "ci95": [v - 0.01, v + 0.01]}
+    series = [{"name": "", "group": "offline", "baseline": (m(30.0), m(5.0)),
+               "points": [(lam, f"λ={lam:g}", m(30.0 + 0.001 * k), m(5.0 + 0.002 * k)) for k, lam in enumerate((0, 0.5, 1, 1.5, 2))]}]
+    draw = ImageDraw.Draw(Image.new("RGB", (760, 520)))
+    draw.font = label_font()
+    frame = (70, 40, 730, 465)
+    xy = lambda x, y: (70 + (x - 29.9) / 0.3 * 660, 465 - (y - 4.9) / 0.3 * 425)
+    labels, boxes = report.tradeoff_label_boxes(series, xy, draw, frame)
+    assert [t for _, _, t in labels] == ["off", "λ=0", "λ=0.5", "λ=1", "λ=1.5", "λ=2"]
+    assert boxes[0] is not None and _no_two_overlap(boxes)
+    assert report.plot_tradeoff(series, str(tmp_path / "t.png")) == str(tmp_path / "t.png")
+
+
+def test_tradeoff_plot_labels_do_not_overprint_with_matplotlib(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from vmix_lib.evaluate import report
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to measure its labels
+    m = lambda v: {"mean": v, "ci95": [v - 0.01, v + 0.01]}
+    series = [{"name": name, "group": "offline", "baseline": (m(30.0), m(5.0)),
+               "points": [(lam, f"λ={lam:g}", m(30.0 + sign * 0.001 * k), m(5.0 + 0.002 * k)) for k, lam in enumerate((0, 0.5, 1, 1.5, 2))]}
+              for name, sign in (("a", 1), ("b", -1))]
+    report.plot_tradeoff(series, str(tmp_path / "t.png"))
+    fig = figures[0]
+    renderer = fig.canvas.get_renderer()
+    texts = fig.axes[0].texts
+    boxes = [tuple(t.get_window_extent(renderer).extents) for t in texts]
+    assert "off" in [t.get_text() for t in texts] and len(texts) >= 6 and _no_two_overlap(boxes)
+
+
+def test_probe_cells_are_marked_only_when_the_printed_interval_leaves_0():
+    """0.000 [0.000, 0.000] was marked green (its unprinted lower end was above 0)."""
+    from vmix_lib.evaluate.report import interval_class
+
+    cell = lambda low, high: {"mean": (low + high) / 2, "ci95": [low, high], "n": 8}
+    assert interval_class(cell(0.0002, 0.0004)) == "" and interval_class(cell(-0.0004, -0.0001)) == ""
+    assert interval_class(cell(0.0012, 0.004)) == "pos" and interval_class(cell(-0.004, -0.0006)) == "neg"
+    assert interval_class(cell(-0.01, 0.02)) == "" and interval_class(None) == "" and interval_class(cell(0.0002, 0.0004), 4) == "pos"
+    assert interval_class({"mean": None, "ci95": [None, None]}) == ""
+
+
 # -- image folders, the report, the CLI --------------------------------------------------------
 def _folder(path, images, prompts, jsonl=False):
     os.makedirs(path, exist_ok=True)
@@ -187,7 +258,7 @@ def test_folders_are_scored_and_paired_by_file_name(tmp_path, clip, clip_dir, pr
     vm = _folder(tmp_path / "vmix", other[:2] + base[2:], prompts, jsonl=True)
     ref = _folder(tmp_path / "ref", _pictures(6, seed=3), ["x"] * 6)
     out = tmp_path / "out"
-    assert main(["--images", f"off={off}", "--images", f"vmix={vm}", "--clip", clip_dir, "--aesthetic", predictor_file,
+    assert main(["--images", f"off={off}", "--images", f"vmix={vm}", "--clip", clip_dir, "--aesthetic-predictor", predictor_file,
                  "--reference", ref, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "report:" in printed and "vmix" in printed
@@ -228,8 +299,96 @@ def test_malformed_predictor_and_missing_clip_are_one_sentence(tmp_path, clip_di
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("VMix evaluation: aesthetic predictor aes.pth does not have the LAION predictor's layers")
     assert main(["--images", folder, "--clip", str(tmp_path / "no-clip"), "--out", str(tmp_path / "o")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the CLIP model in" in err[0] and "could not be loaded" in err[0]
+    assert capsys.readouterr().err.strip() == (f"VMix evaluation: the CLIP folder {tmp_path / 'no-clip'} does not exist; name a "
+                                               "folder with config.json and the weights, or a hub id such as openai/clip-vit-large-patch14.")
+
+
+def test_a_prepare_output_as_reference_counts_only_its_dataset_images(tmp_path, clip_dir, capsys):
+    """vmix prepare's output holds review/ histograms beside the dataset: FID/KID compare with the
+    images metadata.jsonl lists, and one line says what was counted and what was skipped."""
+    from test_prepare import palette_folder, run, settings
+
+    dataset = str(tmp_path / "dataset")
+    run(settings(palette_folder(str(tmp_path / "pictures")), dataset))
+    assert sorted(os.listdir(os.path.join(dataset, "review"))).count("hist-color.png") == 1  # what was counted before
+    folder = _folder(tmp_path / "f", _pictures(3), ["a", "b", "c"])
+    out = tmp_path / "o"
+    assert main(["--images", folder, "--clip", clip_dir, "--reference", dataset, "--out", str(out)]) == 0
+    line = (f"reference {dataset}: 8 image(s) that metadata.jsonl lists; skipped 2 image file(s) it does not list "
+            "(review/: 2)")
+    assert line in capsys.readouterr().err.splitlines()
+    data = json.load(open(out / "results" / "results.json"))
+    assert data["reference_images"] == line and data["settings"][0]["distance"]["n_real"] == 8
+    assert f"against the {line}." in (out / "report.html").read_text(encoding="utf-8")
+    # before metadata.jsonl is written (an interrupted prepare): every image but prepare's own folders
+    os.remove(os.path.join(dataset, "metadata.jsonl"))
+    from vmix_lib.evaluate.sources import read_reference_folder
+
+    found = read_reference_folder(dataset)
+    assert len(found.paths) == 8 and found.description == (
+        f"reference {dataset}: 8 image(s); skipped 2 image file(s) of vmix prepare's own folders (review/: 2)")
+
+
+def test_aesthetic_predictor_is_the_flag_of_prepare_and_aesthetic_a_hidden_alias():
+    from vmix_lib.evaluate.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--aesthetic-predictor", "a.pth"]).aesthetic_predictor == "a.pth"
+    assert parser.parse_args(["--aesthetic", "b.pth"]).aesthetic_predictor == "b.pth"
+    flags = {f for action in parser._actions if action.help != "==SUPPRESS==" for f in action.option_strings}
+    assert "--aesthetic-predictor" in flags and "--aesthetic" not in flags and "--no-clip" in flags
+
+
+def test_no_clip_scores_fid_on_inception_features_and_names_what_was_not_computed(tmp_path, monkeypatch, capsys):
+    """--no-clip: no CLIP is loaded; FID/KID on Inception features (a stand-in here: torch-fidelity is
+    not a test requirement); the report says which metrics were not computed instead of showing none."""
+    import vmix_lib.scoring.clip
+
+    class MeanColour:  # InceptionFeatures' interface: features = per-channel means and spreads
+        identity = "mean-colour-1"
+
+        def __init__(self, weights, device):
+            assert weights == "weights.pth"
+
+        @staticmethod
+        def pixel_values(images):
+            return torch.stack([metrics.pil_to_uint8(i).float() for i in images])
+
+        def embed_pixels(self, pixels):
+            return torch.cat([pixels.mean(dim=(2, 3)), pixels.std(dim=(2, 3))], dim=1)
+
+    monkeypatch.setattr(metrics, "InceptionFeatures", MeanColour)
+    monkeypatch.setattr(vmix_lib.scoring.clip, "load_clip", lambda *a, **k: pytest.fail("CLIP was loaded"))
+    off = _folder(tmp_path / "off", _pictures(4, seed=1), ["a", "b", "c", "d"])
+    vm = _folder(tmp_path / "vmix", _pictures(4, seed=2), ["a", "b", "c", "d"])
+    ref = _folder(tmp_path / "ref", _pictures(5, seed=3), ["x"] * 5)
+    out = tmp_path / "out"
+    base = ["--images", f"off={off}", "--images", f"vmix={vm}", "--no-clip", "--out", str(out)]
+    assert main(base + ["--reference", ref, "--fid-features", "inception", "--inception-weights", "weights.pth"]) == 0
+    captured = capsys.readouterr()
+    not_computed = "scored without CLIP (--no-clip): CLIP score, Aes score, probes and content kept were not computed"
+    assert f"note: {not_computed}" in captured.err.splitlines()
+    assert captured.out.splitlines()[0].split() == ["setting", "n", "FID", "(KID)"]  # no empty metric columns
+    data = json.load(open(out / "results" / "results.json"))
+    assert data["clip"] is None and not_computed in data["notes"]
+    for s in data["settings"]:
+        assert not {"aes", "clip_score", "content_similarity"} & set(s) and s["distance"]["fid"] is not None
+        assert s["distance"]["features"].startswith("Inception")
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert not_computed in html and "<th>CLIP score</th>" not in html and "<th>Aes score</th>" not in html
+    # what --no-clip cannot do is one sentence, before anything is made
+    for extra, message in (
+        ([], "nothing to measure without CLIP: give --reference with --fid-features inception for FID/KID, or make the "
+             "images alone with --generate-only"),
+        (["--aesthetic-predictor", "aes.pth"], "the Aes score is computed on CLIP ViT-L/14 image embeddings, so "
+             "--aesthetic-predictor needs CLIP: give a CLIP model (--clip) instead of --no-clip, or drop --aesthetic-predictor"),
+        (["--reference", ref], "FID/KID on CLIP features needs CLIP; with --no-clip use --fid-features inception (and --inception-weights)"),
+        (["--probe", "warm=warm|cold"], "probes are CLIP zero-shot scores, so --probe needs CLIP; drop --no-clip or --probe"),
+        (["--clip", "somewhere"], "--no-clip and --clip somewhere contradict each other; give one of them"),
+    ):
+        assert main(base[:-1] + [str(tmp_path / "o2")] + extra) == 1
+        assert capsys.readouterr().err.strip() == f"VMix evaluation: {message}."
+        assert not (tmp_path / "o2").exists()
 
 
 # -- offline, end to end ---------------------------------------------------------------------
@@ -284,7 +443,7 @@ def test_offline_end_to_end_on_a_tiny_checkpoint(tmp_path, tiny_model, clip_dir,
     prompts.write_text("a cat\na red dog\n")
     args = ["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--adapter", adapter,
             "--lambdas", "0,1", "--dimensions", "none", "--prompts", str(prompts), "--steps", "3", "--width", "32",
-            "--height", "32", "--clip", clip_dir, "--aesthetic", predictor_file, "--out", str(out), "--device", "cpu"]
+            "--height", "32", "--clip", clip_dir, "--aesthetic-predictor", predictor_file, "--out", str(out), "--device", "cpu"]
     assert main(args + ["--scheduler", "ddim"]) == 0
     printed = capsys.readouterr().out
     assert "λ=0 vs off: 2/2 images identical pixel for pixel" in printed
@@ -383,6 +542,87 @@ def test_offline_errors_are_one_sentence(tmp_path, tiny_model, clip_dir, capsys)
         assert capsys.readouterr().err.strip().endswith("--precision bf16 needs a CUDA GPU; on the CPU sampling runs in fp32 (use auto or fp32).")
     assert main(["--offline", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "o"), "--clip", clip_dir]) == 1
     assert capsys.readouterr().err.strip() == f"VMix evaluation: checkpoint {tmp_path / 'nope.safetensors'} does not exist."
+
+
+def test_every_input_is_checked_before_the_model_loads_or_any_image_is_made(tmp_path, tiny_model, clip_dir, monkeypatch, capsys):
+    """An image-less reference folder, a bad size, a predictor folder...: one sentence before the
+    checkpoint is loaded (an empty reference was found only after every image was made)."""
+    from vmix_lib.evaluate.offline import OfflineSource
+
+    checkpoint, configs, tokenizer, adapter = tiny_model
+    monkeypatch.setattr(OfflineSource, "prepare", lambda *a: pytest.fail("the checkpoint was loaded"))
+    monkeypatch.setattr(OfflineSource, "generate", lambda *a: pytest.fail("an image was made"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.txt").write_text("no pictures here")
+    out = tmp_path / "o"
+    base = ["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--adapter", adapter,
+            "--clip", clip_dir, "--limit", "1", "--steps", "2", "--height", "32", "--out", str(out)]
+    for extra, message in (
+        (["--reference", str(empty)], f"reference folder {empty} holds no .png, .jpg or .webp images"),
+        (["--reference", str(tmp_path / "none")], f"--reference {tmp_path / 'none'} is not a folder; name the folder of the reference images"),
+        (["--width", "36"], "--width 36 must be a multiple of 8 for this model"),
+        (["--cache-dir", str(empty / "README.txt")], f"--cache-dir {empty / 'README.txt'} is a file; name a folder"),
+        (["--baseline", "of"], "--baseline 'of' is not a setting of this run (settings: off, λ=0, λ=0.5, λ=1, λ=1.5, λ=2)"),
+        (["--aesthetic-predictor", str(empty)], f"aesthetic predictor {empty} is a folder; name the predictor file itself, a .pth "
+                                                 "or .safetensors file such as sac+logos+ava1-l14-linearMSE.pth"),
+    ):
+        assert main(base + ["--width", "32"] + extra) == 1, extra
+        assert capsys.readouterr().err.strip() == f"VMix evaluation: {message}."
+        assert not out.exists()
+
+
+def test_adapters_of_one_name_from_two_folders_are_told_apart_offline(tmp_path, tiny_model, capsys):
+    """run1/vmix.safetensors and run2/vmix.safetensors: offline they are 'run1/vmix' and 'run2/vmix'
+    (the refusal named the first adapter only); the WebUI knows them by file name: refused, both named."""
+    import shutil
+
+    from vmix_lib.evaluate.cli import build_parser, options_from_args
+
+    checkpoint, configs, tokenizer, adapter = tiny_model
+    a, b = tmp_path / "run1" / "vmix.safetensors", tmp_path / "run2" / "vmix.safetensors"
+    for path in (a, b):
+        path.parent.mkdir()
+        shutil.copy(adapter, path)
+    offline = ["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--lambdas", "1",
+               "--limit", "1", "--steps", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "o")]
+    opts = options_from_args(build_parser().parse_args(offline + ["--adapter", str(a), "--adapter", str(b)]))
+    assert [(s.name, s.adapter and s.adapter.path) for s in opts.settings] == [
+        ("off", None), ("run1/vmix λ=1", str(a)), ("run2/vmix λ=1", str(b))]
+    assert main(offline + ["--adapter", str(a), "--adapter", str(b), "--generate-only"]) == 0
+    assert sorted(os.listdir(tmp_path / "o" / "images")) == ["off", "run1-vmix-lambda1", "run2-vmix-lambda1"]
+    for extra, message in (
+        (["--webui", "http://127.0.0.1:7860", "--adapter", str(a), "--adapter", str(b)],
+         f"the adapters {a} and {b} are both called 'vmix', and the WebUI knows an adapter by its file name only; rename one of "
+         "the files (offline evaluation tells them apart by their folders)"),
+        (["--adapter", str(a), "--adapter", str(a)], f"--adapter {a} is given twice; give each adapter once"),
+        (["--webui", "http://127.0.0.1:7860", "--adapter", "vmix", "--adapter", str(b)],
+         f"--adapter 'vmix' is given twice (the WebUI name 'vmix' and the file {b}); give each adapter once"),
+    ):
+        with pytest.raises(EvaluationError) as e:
+            options_from_args(build_parser().parse_args(offline + extra))
+        assert str(e.value) == message
+
+
+def test_an_adapter_of_the_other_family_is_named_with_both_families(tmp_path, tiny_model, clip_dir, capsys):
+    """An SDXL adapter on an SD1.5 checkpoint: one sentence with both families, before the model loads
+    (it listed the tensors the hook could not place)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    checkpoint, configs, tokenizer, adapter = tiny_model
+    with safe_open(adapter, "pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata["vmix"])
+    other = str(tmp_path / "xl-adapter.safetensors")
+    save_file(load_file(adapter), other, metadata=dict(metadata, vmix=json.dumps(dict(meta, family="sdxl"))))
+    assert main(["--offline", checkpoint, "--model-config-dir", configs, "--tokenizer-dir", tokenizer, "--adapter", other,
+                 "--clip", clip_dir, "--limit", "1", "--steps", "2", "--width", "32", "--height", "32",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"VMix evaluation: VMix adapter 'xl-adapter.safetensors' is an SDXL adapter, but the checkpoint "
+        f"{os.path.basename(checkpoint)!r} is SD1.5; evaluate it with a checkpoint of its family.")
+    assert not (tmp_path / "o").exists()
 
 
 def test_python_api_source_and_resume(tmp_path, clip_dir):

@@ -10,6 +10,7 @@ other exception as 500 ``{"error", "detail": "", "body": "", "errors"}``.
 import base64
 import io
 import json
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -177,6 +178,21 @@ def test_unreachable_server_is_one_sentence(tmp_path, capsys, scorers):
                    "another machine) and check the address; a rerun continues where this one stopped."]
     assert main(["--webui", "ftp://x", "--out", str(tmp_path / "o")]) == 1
     assert "is not an http(s) URL" in capsys.readouterr().err
+
+
+def test_a_run_stopped_by_an_error_leaves_no_folder_it_made(tmp_path, capsys, scorers):
+    """The server is found missing after the output folder was made: the folders this run made go
+    (new/deeper/eval), and nothing that was there before is removed (a file, an empty folder)."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    args = ["--webui", url, "--clip", scorers[0], "--limit", "1"]
+    assert main(args + ["--out", str(tmp_path / "new" / "deeper" / "eval")]) == 1
+    assert "cannot reach the WebUI" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+    existing = tmp_path / "eval"
+    (existing / "empty").mkdir(parents=True)
+    (existing / "notes.txt").write_text("mine")
+    assert main(args + ["--out", str(existing)]) == 1
+    assert sorted(os.listdir(existing)) == ["empty", "notes.txt"] and os.listdir(existing / "empty") == []
 
 
 def test_run_through_the_api_422_and_500_are_reported_per_request_and_the_run_goes_on(server, tmp_path, scorers, capsys):

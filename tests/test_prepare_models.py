@@ -246,6 +246,24 @@ def test_bad_model_files_are_refused_in_one_sentence(tmp_path, models, capsys, c
     assert not os.path.exists(out)  # refused before anything was written
 
 
+def test_predictor_folder_and_missing_clip_path_name_what_to_give(tmp_path, models, capsys, monkeypatch):
+    """--aesthetic-predictor FOLDER: told it is a folder and which file is meant (it said "does not
+    exist"); --clip ./clip that is not there: the folder is named, not a hub lookup."""
+    inp, out = palette_folder(str(tmp_path / "in")), str(tmp_path / "out")
+    os.makedirs(tmp_path / "predictors")
+    argv = [inp, out, "--min-side", "32", "--workers", "0"]
+    assert main(argv + ["--clip", models["clip"], "--aesthetic-predictor", str(tmp_path / "predictors")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"vmix prepare: error: aesthetic predictor {tmp_path / 'predictors'} is a folder; name the predictor file itself, "
+        "a .pth or .safetensors file such as sac+logos+ava1-l14-linearMSE.pth")
+    monkeypatch.chdir(tmp_path)
+    assert main(argv + ["--clip", "./clip"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "vmix prepare: error: the CLIP folder ./clip does not exist; name a folder with config.json and the weights, "
+        "or a hub id such as owner/name")
+    assert not os.path.exists(out)
+
+
 def test_benchmark_runs_end_to_end(tmp_path, capsys):
     from vmix_lib.prepare.bench import main as bench_main
 

@@ -79,6 +79,31 @@ def test_clip_errors_are_one_sentence(tmp_path, clip_dir, case):
     assert ("nope" in message or "folder" in message or "someone/no-such-clip-model" in message)
 
 
+@pytest.mark.parametrize("given", ["{tmp}/models/clip-vit-large-patch14", "./clip", "../no-such-folder/clip", "~/no-such-clip-9f3a",
+                                   "models/clip/", "a/b/c", "models/clip", "models\\clip"])
+def test_a_missing_local_clip_folder_is_named_as_a_folder_not_a_hub_id(tmp_path, monkeypatch, given):
+    """Anything that can only be a path and does not exist: 'the CLIP folder X does not exist' (it was
+    reported as a hub id not in the cache); ``models/clip`` is a path when a models/ folder is here."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("models")
+    source = given.format(tmp=tmp_path)
+    with pytest.raises(ScoringError) as e:
+        load_clip(source)
+    assert str(e.value) == (f"the CLIP folder {os.path.expanduser(source)} does not exist; name a folder with config.json and "
+                            "the weights, or a hub id such as openai/clip-vit-large-patch14")
+
+
+def test_hub_ids_are_not_paths(tmp_path, monkeypatch):
+    from vmix_lib.scoring.paths import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("openai/clip-vit-large-patch14") and not looks_like_path("clip-vit-base")
+    os.makedirs("openai")  # a folder of that name here: the user means the path
+    assert looks_like_path("openai/clip-vit-large-patch14")
+    with pytest.raises(ScoringError, match="hub id 'someone/no-such-clip-model'"):
+        load_clip("someone/no-such-clip-model")
+
+
 # -- the aesthetic predictor -----------------------------------------------------------------
 def test_predictor_is_the_reference_affine_map(tmp_path):
     state = random_predictor_state(768, seed=3)
@@ -144,6 +169,13 @@ def test_malformed_predictors_are_refused_in_one_sentence(tmp_path, case):
         load_aesthetic_predictor(path, expected_dim=expected_dim)
     message = str(e.value)
     assert "\n" not in message and os.path.basename(path) in message
+
+
+def test_a_folder_given_as_predictor_is_told_to_name_the_file(tmp_path):
+    with pytest.raises(ScoringError) as e:
+        load_aesthetic_predictor(str(tmp_path))
+    assert str(e.value) == (f"aesthetic predictor {tmp_path} is a folder; name the predictor file itself, a .pth or "
+                            ".safetensors file such as sac+logos+ava1-l14-linearMSE.pth")
 
 
 # -- probes ----------------------------------------------------------------------------------

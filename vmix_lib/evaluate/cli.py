@@ -6,21 +6,27 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from ..scoring.paths import DEFAULT_CLIP
+
 EXAMPLES = """examples:
   # a running AUTOMATIC1111/Forge (started with --api) with the VMix extension, the built-in prompts
   python -m vmix_lib.evaluate --webui http://127.0.0.1:7860 --checkpoint v1-5-pruned-emaonly \\
-      --adapter my_adapter.safetensors --aesthetic sac+logos+ava1-l14-linearMSE.pth --out out/eval
+      --adapter my_adapter.safetensors --aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth --out out/eval
 
   # offline, no WebUI: the single-file checkpoint, DDIM 25 steps, CFG 7.5
   python -m vmix_lib.evaluate --offline models/v1-5-pruned-emaonly.safetensors \\
-      --adapter my_adapter.safetensors --aesthetic sac+logos+ava1-l14-linearMSE.pth --out out/eval
+      --adapter my_adapter.safetensors --aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth --out out/eval
 
   # MJHQ-30K: 500 prompts of two categories, FID/KID against the category images
-  python -m vmix_lib.evaluate --offline model.safetensors --adapter a.safetensors --aesthetic aes.pth \\
+  python -m vmix_lib.evaluate --offline model.safetensors --adapter a.safetensors --aesthetic-predictor aes.pth \\
       --prompts mjhq/meta_data.json --category people,animals --limit 500 --reference mjhq/people --out out/mjhq
 
   # score existing folders only (NAME.png + NAME.txt per image, or metadata.jsonl)
-  python -m vmix_lib.evaluate --images off=out/base --images vmix=out/vmix --aesthetic aes.pth --out out/folders
+  python -m vmix_lib.evaluate --images off=out/base --images vmix=out/vmix --aesthetic-predictor aes.pth --out out/folders
+
+  # without CLIP: FID/KID on Inception features only
+  python -m vmix_lib.evaluate --offline model.safetensors --adapter a.safetensors --no-clip --reference mjhq/people \\
+      --fid-features inception --inception-weights weights-inception-2015-12-05-6726825d.pth --out out/fid
 """
 
 
@@ -72,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--schedule-type", default="", help="WebUI schedule type (A1111 1.9+/Forge), e.g. Karras")
     gen.add_argument("--negative-prompt", default="", help="(default: none, as the paper)")
     sc = p.add_argument_group("scoring")
-    sc.add_argument("--clip", default="openai/clip-vit-large-patch14", help="CLIP ViT-L/14: a local folder or a hub id in the local cache")
-    sc.add_argument("--aesthetic", help="the LAION predictor: sac+logos+ava1-l14-linearMSE.pth (or .safetensors)")
+    sc.add_argument("--clip", help=f"CLIP ViT-L/14: a local folder or a hub id in the local cache (default: {DEFAULT_CLIP})")
+    sc.add_argument("--no-clip", action="store_true", help="score without CLIP: no CLIP score, Aes score, probes or content kept "
+                    "(the report names them as not computed); FID/KID then need --fid-features inception")
+    sc.add_argument("--aesthetic-predictor", metavar="FILE", help="the LAION predictor: sac+logos+ava1-l14-linearMSE.pth (or .safetensors)")
+    sc.add_argument("--aesthetic", dest="aesthetic_predictor", help=argparse.SUPPRESS)  # the old name, as prepare's is this one
     sc.add_argument("--allow-download", action="store_true", help="let transformers download a hub id that is not cached")
-    sc.add_argument("--reference", metavar="DIR", help="reference images for FID/KID (e.g. MJHQ-30K's images of the chosen categories)")
+    sc.add_argument("--reference", metavar="DIR", help="reference images for FID/KID (e.g. MJHQ-30K's images of the chosen categories): "
+                    "every image under DIR, or those its metadata.jsonl lists (a dataset, e.g. vmix prepare's output, "
+                    "whose review/ pictures are not counted)")
     sc.add_argument("--fid-features", default="clip", choices=("clip", "inception", "none"), help="features of FID/KID (default: clip)")
     sc.add_argument("--inception-weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (for --fid-features inception)")
     sc.add_argument("--probe", action="append", default=[], metavar="NAME=POS|NEG;POS|NEG", help="a user-defined probe (repeatable)")
@@ -93,7 +104,7 @@ def options_from_args(args) -> "object":
     from .offline import OfflineSource
     from .prompts import load_prompts
     from .run import Options
-    from .settings import adapter_ref, build_settings, parse_lambdas
+    from .settings import adapter_ref, build_settings, distinct_adapters, parse_lambdas
     from .sources import parse_folder_spec
     from .webui_client import GenerationParams, WebUISource
 
@@ -104,10 +115,9 @@ def options_from_args(args) -> "object":
         raise EvaluationError(f"--workers must be 0 or more, got {args.workers}")
     if args.checkpoint and not args.webui:
         raise EvaluationError("--checkpoint chooses the WebUI's checkpoint; offline, give the file with --offline")
-    adapters = [adapter_ref(a) for a in args.adapter]
-    names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        raise EvaluationError(f"adapter {names[0]!r} is given twice")
+    if args.no_clip and args.clip:
+        raise EvaluationError(f"--no-clip and --clip {args.clip} contradict each other; give one of them")
+    adapters = distinct_adapters([adapter_ref(a) for a in args.adapter], webui=bool(args.webui))
     generating = bool(args.webui or args.offline)  # without --adapter: VMix off alone, a baseline run
     lambdas = parse_lambdas(args.lambdas) if adapters else []
     settings = build_settings(
@@ -142,11 +152,10 @@ def options_from_args(args) -> "object":
         except ScoringError as e:
             raise EvaluationError(str(e)) from None
     prompts = load_prompts(args.prompts, _csv(args.category), args.limit, args.prompt_seed) if sources else []
-    if args.reference and not os.path.isdir(args.reference):
-        raise EvaluationError(f"--reference {args.reference} is not a folder")
     return Options(
         out_dir=args.out, prompts=prompts, settings=settings, sources=sources, folders=folders,
-        seeds_per_prompt=args.seeds, seed=args.seed, baseline=args.baseline, clip=args.clip, aesthetic=args.aesthetic,
+        seeds_per_prompt=args.seeds, seed=args.seed, baseline=args.baseline,
+        clip=None if args.no_clip else args.clip or DEFAULT_CLIP, aesthetic=args.aesthetic_predictor,
         allow_download=args.allow_download, reference=args.reference, fid_features=args.fid_features,
         inception_weights=args.inception_weights, probes=probes, device=args.device, batch_size=args.batch_size,
         workers=args.workers, grid_prompts=args.grid_prompts, cache_dir=args.cache_dir, generate_only=args.generate_only,
@@ -187,7 +196,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     try:
         opts = options_from_args(args)
-        os.makedirs(opts.out_dir, exist_ok=True)
         results = evaluate(opts, log)
     except EvaluationError as e:
         print(f"VMix evaluation: {e}.".replace("..", "."), file=sys.stderr)

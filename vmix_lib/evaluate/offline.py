@@ -90,21 +90,55 @@ class OfflineSource:
             **self.params.to_json(),
         }
 
+    def check(self, settings: List[Setting]) -> None:
+        """What is known without loading the model (headers and configs, seconds): the checkpoint, its
+        family against every adapter's, the image size; run before the scorers load and any image is made."""
+        from ..adapter_file import AdapterError, read_adapter_info
+        from ..layers import FAMILY_TITLES
+        from ..train.checkpoint_loading import inspect_checkpoint, model_configs
+        from ..train.errors import TrainError
+        from .run import resolve_device
+
+        try:
+            self.device = resolve_device(self.device_name)
+            self.precision = resolve_precision(self.precision_name, self.device)
+            self.info = inspect_checkpoint(self.checkpoint_path, custom_configs=bool(self.model_config_dir))
+            self.configs = model_configs(self.info.family, self.model_config_dir)
+        except TrainError as e:
+            raise EvaluationError(str(e)) from None
+        family, checkpoint = self.info.family, os.path.basename(self.checkpoint_path)
+        for ref in dict.fromkeys(s.adapter for s in settings if s.adapter is not None):
+            if not ref.path:
+                raise EvaluationError(f"adapter {ref.name!r} needs its file for offline generation (--adapter path/to/{ref.name}.safetensors)")
+            try:
+                adapter_family = read_adapter_info(ref.path, allow_custom_layout=True).family
+            except AdapterError as e:
+                raise EvaluationError(str(e).rstrip(".")) from None
+            if adapter_family != family:  # else the hook lists every layer it cannot find
+                raise EvaluationError(
+                    f"VMix adapter {os.path.basename(ref.path)!r} is an {FAMILY_TITLES.get(adapter_family, adapter_family)} adapter, "
+                    f"but the checkpoint {checkpoint!r} is {FAMILY_TITLES.get(family, family)}; evaluate it with a checkpoint of its family"
+                )
+        # the VAE's and the UNet's downsampling, from the configs (absent keys: diffusers' defaults)
+        vae_levels = len(self.configs["vae"].get("block_out_channels", (64,)))
+        unet_levels = len(self.configs["unet"].get("block_out_channels", (320, 640, 1280, 1280)))
+        multiple = 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
+        for what, size in (("--width", self.params.width), ("--height", self.params.height)):
+            if size % multiple:
+                raise EvaluationError(f"{what} {size} must be a multiple of {multiple} for this model")
+
     def prepare(self, settings: List[Setting]) -> None:
         """Load the checkpoint and every adapter of ``settings``; check that each adapter fits."""
         from ..adapter_file import AdapterError, load_adapter
         from ..hook import AdapterMismatch, ValueMixer
         from ..layers import find_cross_attention_layers
-        from ..train.checkpoint_loading import inspect_checkpoint, load_base_model, model_configs
+        from ..train.checkpoint_loading import load_base_model
         from ..train.errors import TrainError
-        from .run import resolve_device
         from ..train.text import TextConditioner
 
+        self.check(settings)
+        info, configs = self.info, self.configs
         try:
-            self.device = resolve_device(self.device_name)
-            self.precision = resolve_precision(self.precision_name, self.device)
-            info = inspect_checkpoint(self.checkpoint_path, custom_configs=bool(self.model_config_dir))
-            configs = model_configs(info.family, self.model_config_dir)
             dtype = _DTYPES[self.precision]
             base = load_base_model(
                 self.checkpoint_path, info.family, self.model_config_dir, self.vae_path, self.tokenizer_dir,
@@ -119,18 +153,12 @@ class OfflineSource:
             module.to(self.device)
         self.conditioner = TextConditioner(base.family, base.tokenizers, base.text_encoders)
         self.vae_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
-        multiple = self.vae_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
-        for what, size in (("--width", self.params.width), ("--height", self.params.height)):
-            if size % multiple:
-                raise EvaluationError(f"{what} {size} must be a multiple of {multiple} for this model")
         layers = find_cross_attention_layers(base.unet)
         shapes = {layer.name: layer.inner_dim for layer in layers}
         for setting in settings:
             ref = setting.adapter
             if ref is None or ref.name in self.mixers:
                 continue
-            if not ref.path:
-                raise EvaluationError(f"adapter {ref.name!r} needs its file for offline generation (--adapter path/to/{ref.name}.safetensors)")
             try:
                 adapter = load_adapter(ref.path, layers=shapes if base.custom_configs else None)
                 mixer = ValueMixer(adapter, strict=True).install(base.unet, layers)

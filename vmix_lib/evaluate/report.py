@@ -156,6 +156,52 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> List[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
+Box = Tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels, y downwards
+
+
+def _overlap(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(anchors: Sequence[Tuple[float, float]], sizes: Sequence[Tuple[float, float]], frame: Box,
+                 obstacles: Sequence[Box] = (), gap: float = 6, marker: float = 4) -> List[Optional[Box]]:
+    """A box for each label beside its point, in the order given (the first win): no two labels overlap,
+    none covers a point's marker or an obstacle (the legend), all inside ``frame``.  A label that finds
+    no free place gets None and is left out: λ points close together printed their labels over each other.
+    """
+    markers = [(x - marker, y - marker, x + marker, y + marker) for x, y in anchors]
+    taken: List[Box] = list(obstacles)
+    out: List[Optional[Box]] = []
+    for (x, y), (w, h) in zip(anchors, sizes):
+        # right-above, right-below, left-above, left-below, right, left, above, below; then a line further out
+        offsets = [(gap, -h - 1), (gap, 1), (-gap - w, -h - 1), (-gap - w, 1), (gap, -h / 2), (-gap - w, -h / 2),
+                   (-w / 2, -h - gap), (-w / 2, gap), (gap, -2 * h - 1), (gap, h + 1), (-gap - w, -2 * h - 1), (-gap - w, h + 1)]
+        found = None
+        for dx, dy in offsets:
+            box = (x + dx, y + dy, x + dx + w, y + dy + h)
+            inside = frame[0] <= box[0] and box[2] <= frame[2] and frame[1] <= box[1] and box[3] <= frame[3]
+            if inside and not any(_overlap(box, other) for other in taken + markers):
+                found = box
+                break
+        if found is not None:
+            taken.append(found)
+        out.append(found)
+    return out
+
+
+def _label_order(series: List[Dict[str, Any]]) -> List[Tuple[int, int, str]]:
+    """(series, point, text) of every label to place: each series' "off" first (point -1; once for series
+    that share it), then its λ points."""
+    order, seen = [], set()
+    for i, s in enumerate(series):
+        base = (s["baseline"][0]["mean"], s["baseline"][1]["mean"]) if s["baseline"] else None
+        if base is not None and base not in seen:
+            seen.add(base)
+            order.append((i, -1, "off"))
+        order += [(i, j, p[1]) for j, p in enumerate(s["points"])]
+    return order
+
+
 def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes score vs CLIP score over λ (paper Fig. 7b)",
                   labels: Sequence[str] = ("CLIP score", "Aes score")) -> Optional[str]:
     """``labels``: (x, y) axis titles."""
@@ -176,11 +222,8 @@ def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes sco
         xerr = [[p[2]["mean"] - p[2]["ci95"][0] for p in s["points"]], [p[2]["ci95"][1] - p[2]["mean"] for p in s["points"]]]
         yerr = [[p[3]["mean"] - p[3]["ci95"][0] for p in s["points"]], [p[3]["ci95"][1] - p[3]["mean"] for p in s["points"]]]
         ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, color=colour, marker="o", capsize=2, label=" ".join(filter(None, [s["group"], s["name"]])) or "VMix")
-        for p, x, y in zip(s["points"], xs, ys):
-            ax.annotate(p[1], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
         if s["baseline"]:
             ax.plot([s["baseline"][0]["mean"]], [s["baseline"][1]["mean"]], marker="s", color="black", linestyle="none")
-            ax.annotate("off", (s["baseline"][0]["mean"], s["baseline"][1]["mean"]), textcoords="offset points", xytext=(5, -10), fontsize=8)
     means_x = [p[2]["mean"] for s in series for p in s["points"]]
     means_y = [p[3]["mean"] for s in series for p in s["points"]]
     for lim, values in ((ax.set_xlim, means_x), (ax.set_ylim, means_y)):
@@ -190,8 +233,34 @@ def plot_tradeoff(series: List[Dict[str, Any]], path: str, title: str = "Aes sco
     ax.set_ylabel(labels[1])
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend = ax.legend()
     fig.tight_layout()
+    # Labels are placed in pixels once the layout is final, so that none is printed over another.
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    corner = ax.transAxes.inverted().transform(legend.get_window_extent(renderer).p0)
+    legend = ax.legend(loc=tuple(corner))  # where "best" put it, fixed: the labels must not move it
+    fig.canvas.draw()
+    height = fig.bbox.height
+    flip = lambda b: (b.x0, height - b.y1, b.x1, height - b.y0)  # matplotlib's y runs upwards
+    order = _label_order(series)
+    anchors, sizes = [], []
+    for i, j, text in order:
+        point = series[i]["baseline"] if j < 0 else series[i]["points"][j][2:]
+        px, py = ax.transData.transform((point[0]["mean"], point[1]["mean"]))
+        anchors.append((px, height - py))
+        probe = ax.text(0, 0, text, fontsize=8)
+        extent = probe.get_window_extent(renderer)
+        probe.remove()
+        sizes.append((extent.width, extent.height))
+    boxes = place_labels(anchors, sizes, flip(ax.get_window_extent(renderer)), [flip(legend.get_window_extent(renderer))])
+    to_points = 72.0 / fig.dpi
+    for (i, j, text), (ax_x, ax_y), box in zip(order, anchors, boxes):
+        if box is None:
+            continue
+        point = series[i]["baseline"] if j < 0 else series[i]["points"][j][2:]
+        ax.annotate(text, (point[0]["mean"], point[1]["mean"]), textcoords="offset points", fontsize=8, ha="left", va="top",
+                    xytext=((box[0] - ax_x) * to_points, -(box[1] - ax_y) * to_points))
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -250,16 +319,30 @@ def _plot_tradeoff_pil(series: List[Dict[str, Any]], path: str, title: str, labe
             draw.line((lx, py, hx, py), fill=colour)
             draw.line((px, ly, px, hy), fill=colour)
             draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=colour)
-            draw.text((px + 6, py - 14), _plain(p[1]), fill=colour)
         if s["baseline"]:
             bx, by = xy(s["baseline"][0]["mean"], s["baseline"][1]["mean"])
             draw.rectangle((bx - 4, by - 4, bx + 4, by + 4), fill=(0, 0, 0))
-            draw.text((bx + 6, by + 2), "off", fill=(0, 0, 0))
         label = " ".join(filter(None, [s["group"], s["name"]])) or "VMix"
         draw.line((right - 170, top + 12 + 16 * i, right - 150, top + 12 + 16 * i), fill=colour, width=2)
         draw.text((right - 145, top + 6 + 16 * i), _plain(label)[:24], fill=(0, 0, 0))
+    for (i, j, text), box in zip(*tradeoff_label_boxes(series, xy, draw, (left, top, right, bottom))):
+        if box is not None:
+            x0, y0, _, _ = draw.textbbox((0, 0), _plain(text))  # the ink starts below/right of the text origin
+            draw.text((box[0] - x0, box[1] - y0), _plain(text), fill=(0, 0, 0) if j < 0 else _COLOURS[i % len(_COLOURS)])
     img.save(path)
     return path
+
+
+def tradeoff_label_boxes(series: List[Dict[str, Any]], xy, draw, frame: Box):
+    """(labels, boxes) of the Pillow plot: every "off" and λ label with its place (None: left out)."""
+    order = _label_order(series)
+    anchors = [xy(*(m["mean"] for m in (series[i]["baseline"] if j < 0 else series[i]["points"][j][2:]))) for i, j, _ in order]
+    sizes = []
+    for _, _, text in order:
+        x0, y0, x1, y1 = draw.textbbox((0, 0), _plain(text))
+        sizes.append((x1 - x0, y1 - y0))
+    legend = (frame[2] - 172, frame[1] + 2, frame[2], frame[1] + 10 + 16 * len(series))
+    return order, place_labels(anchors, sizes, frame, [legend])
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -366,6 +449,15 @@ def _ci(m: Optional[Dict[str, Any]], digits: int = 3) -> str:
     return f"{_fmt(m.get('mean'), digits)} <small>[{_fmt(low, digits)}, {_fmt(high, digits)}]</small>"
 
 
+def interval_class(m: Optional[Dict[str, Any]], digits: int = 3) -> str:
+    """'pos' when a 95 % interval lies above 0 as printed with ``digits`` (its lower end rounds above 0),
+    'neg' when below, else '': a cell showing 0.000 [0.000, 0.000] is never marked as a shift."""
+    if not m or not m.get("ci95") or None in m["ci95"]:
+        return ""
+    low, high = (float(f"{v:.{digits}f}") for v in m["ci95"])  # the numbers as the cell prints them
+    return "pos" if low > 0 else "neg" if high < 0 else ""
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -420,7 +512,8 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
     dist_notes = {s["distance"].get("note") for s in summary if s.get("distance", {}).get("note")}
     if any(s.get("distance") for s in summary):
         features = next(s["distance"].get("features") for s in summary if s.get("distance"))
-        parts.append(f"<p><small>FID/KID: torchmetrics on {e(str(features))}, against {e(str(results.get('reference')))}.</small></p>")
+        against = results.get("reference_images") or results.get("reference")  # says what was counted and skipped
+        parts.append(f"<p><small>FID/KID: torchmetrics on {e(str(features))}, against the {e(str(against))}.</small></p>")
     for note in dist_notes:
         parts.append(f"<div class='note'>{e(note)}</div>")
 
@@ -448,12 +541,11 @@ def write_html(out_dir: str, rows, scored, results, files: Dict[str, str], limit
             parts.append(f"<tr><td>{e(s['setting'])}</td>")
             for k in shift_keys:
                 m = s.get(k)
-                cls = ""
-                if m and m.get("ci95") and None not in m["ci95"]:
-                    cls = " class='pos'" if m["ci95"][0] > 0 else " class='neg'" if m["ci95"][1] < 0 else ""
-                parts.append(f"<td{cls}>{_ci(m, 3)}</td>")
+                cls = interval_class(m, 3)
+                parts.append(f"<td{f' class={cls!r}' if cls else ''}>{_ci(m, 3)}</td>")
             parts.append("</tr>")
-        parts.append("</table><p><small>Green: the interval lies above 0; red: below.</small></p>")
+        parts.append("</table><p><small>Green: the 95 % interval lies above 0 as printed (its lower end is at least 0.001); "
+                     "red: below 0.</small></p>")
 
     if files.get("grid"):
         parts.append(f"<h2>Grid</h2><p>Rows: the first {limit} prompts; columns: settings. "
@@ -519,7 +611,7 @@ def write_all(out_dir: str, rows, scored, results, opts) -> Dict[str, str]:
         labels = (_title(axes[0], titles), _title(axes[1], titles))
         files["tradeoff"] = plot_tradeoff(series, os.path.join(out_dir, "tradeoff.png"), f"{labels[1]} vs {labels[0]} over λ", labels)
     if not series:
-        results["notes"].append("no λ trade-off plot: it needs λ settings and an Aes score (--aesthetic)" if axes == DEFAULT_AXES else
+        results["notes"].append("no λ trade-off plot: it needs λ settings, the CLIP score and the Aes score (--aesthetic-predictor)" if axes == DEFAULT_AXES else
                                 f"no λ trade-off plot: it needs λ settings and the metrics {axes[0]} and {axes[1]}")
     files["grid"] = draw_grid(rows, scored, os.path.join(out_dir, "grid.png"), opts.grid_prompts, axes=axes, titles=titles)
     files["html"] = write_html(out_dir, rows, scored, results, files, opts.grid_prompts, axes, opts.image_metrics)

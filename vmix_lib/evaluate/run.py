@@ -240,23 +240,36 @@ class Scorers:
     clip: Optional[Any]
     predictor: Optional[Any]
     device: torch.device
+    reference: Optional[Any] = None  # sources.ReferenceSet: the images FID/KID compare with
+    inception: Optional[Any] = None  # metrics.InceptionFeatures for --fid-features inception
 
 
 def load_scorers(opts: Options) -> Scorers:
-    """CLIP and the aesthetic predictor, loaded before any image is made: a wrong file fails in seconds."""
+    """CLIP, the aesthetic predictor, the reference images and the Inception weights, checked and
+    loaded before any image is made: a wrong file or an empty folder fails in seconds."""
     from ..scoring import ScoringError
     from ..scoring.aesthetic import load_aesthetic_predictor
     from ..scoring.clip import load_clip
+    from . import metrics
+    from .sources import read_reference_folder
 
     device = resolve_device(opts.device)
+    fid = bool(opts.reference) and opts.fid_features != "none"
+    reference = read_reference_folder(opts.reference) if fid else None
     if opts.clip is None:
         if opts.aesthetic:
-            raise EvaluationError("the Aes score is computed on CLIP ViT-L/14 image embeddings: give a CLIP model (--clip) with --aesthetic")
-        if opts.reference and opts.fid_features == "clip":
-            raise EvaluationError("FID on CLIP features needs a CLIP model (--clip); or use --fid-features inception")
-        if not opts.image_metrics:
-            raise EvaluationError("nothing to measure: no CLIP model and no image metric")
-        return Scorers(None, None, device)
+            raise EvaluationError("the Aes score is computed on CLIP ViT-L/14 image embeddings, so --aesthetic-predictor needs CLIP: "
+                                  "give a CLIP model (--clip) instead of --no-clip, or drop --aesthetic-predictor")
+        if opts.probes:
+            raise EvaluationError("probes are CLIP zero-shot scores, so --probe needs CLIP; drop --no-clip or --probe")
+        if fid and opts.fid_features == "clip":
+            raise EvaluationError("FID/KID on CLIP features needs CLIP; with --no-clip use --fid-features inception (and --inception-weights)")
+        if not opts.image_metrics and not fid:
+            raise EvaluationError("nothing to measure without CLIP: give --reference with --fid-features inception for FID/KID, "
+                                  "or make the images alone with --generate-only")
+    inception = metrics.InceptionFeatures(opts.inception_weights, device) if fid and opts.fid_features == "inception" else None
+    if opts.clip is None:
+        return Scorers(None, None, device, reference, inception)
     try:
         predictor = load_aesthetic_predictor(opts.aesthetic, device=device) if opts.aesthetic else None
         clip = load_clip(opts.clip, device=device, allow_download=opts.allow_download)
@@ -264,22 +277,21 @@ def load_scorers(opts: Options) -> Scorers:
             load_aesthetic_predictor(opts.aesthetic, expected_dim=clip.dim)  # its sentence when the widths differ
     except ScoringError as e:
         raise EvaluationError(str(e)) from None
-    return Scorers(clip, predictor, device)
+    return Scorers(clip, predictor, device, reference, inception)
 
 
 def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[str], None], progress) -> Dict[str, Any]:
     from ..scoring import ScoringError
     from ..scoring.features import FeatureCache, embed_image_files
-    from ..scoring.images import find_images
     from ..scoring.probes import encode_probes, probe_scores
     from . import metrics
 
     notes: List[str] = []
     clip, predictor, device = scorers.clip, scorers.predictor, scorers.device
     if clip is None:
-        notes.append("no CLIP model was given, so there is no CLIP score, Aes score, probe or CLIP content similarity")
+        notes.append("scored without CLIP (--no-clip): CLIP score, Aes score, probes and content kept were not computed")
     elif predictor is None:
-        notes.append("no aesthetic predictor was given (--aesthetic sac+logos+ava1-l14-linearMSE.pth), so there is no Aes score")
+        notes.append("no aesthetic predictor was given (--aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth), so there is no Aes score")
     cache_root = opts.cache_dir or os.path.join(opts.out_dir, "features")
 
     ready = [r for r in rows if not r.failure and os.path.isfile(r.path)]
@@ -334,11 +346,12 @@ def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[
     baselines: Dict[str, str] = {}
     for group, members in groups.items():
         names = list(dict.fromkeys(r.setting for r in members))
-        wanted = [opts.baseline] if opts.baseline else []
+        wanted = [opts.baseline, f"{group} {opts.baseline}"] if opts.baseline else []  # several sources: "offline λ=1"
         wanted += [n for n in names if n == OFF or n.endswith(f" {OFF}")]
         base = next((n for n in wanted if n in names), None)
-        if opts.baseline and base != opts.baseline and group == "folders" and opts.folders:
-            notes.append(f"--baseline {opts.baseline!r} is not a setting of the {group}; no shifts for them")
+        if opts.baseline and base not in wanted[:2]:  # named for another source's images: say what these compare with
+            notes.append(f"--baseline {opts.baseline!r} is not a setting of the {group} images; "
+                         + (f"they are compared with {base!r}" if base else "no shifts for them"))
         if base:
             baselines[group] = base
             ref = {r.pair_key: r for r in members if r.setting == base}
@@ -365,15 +378,10 @@ def score(rows: List[ImageRow], opts: Options, scorers: Scorers, log: Callable[[
 
     # Distances to a reference set.
     distances: Dict[str, Dict[str, Any]] = {}
-    if opts.reference and opts.fid_features != "none" and ready:
-        try:
-            ref_paths = [os.path.join(opts.reference, p) for p in find_images(opts.reference)]
-        except ScoringError as e:
-            raise EvaluationError(str(e)) from None
-        if not ref_paths:
-            raise EvaluationError(f"reference folder {opts.reference} holds no images")
+    if scorers.reference is not None and ready:
+        ref_paths = scorers.reference.paths  # listed (and checked) before any image was made
         if opts.fid_features == "inception":
-            net = metrics.InceptionFeatures(opts.inception_weights, device)
+            net = scorers.inception
             feat_cache = FeatureCache(cache_root, net.identity)
             pre, emb, kind = net.pixel_values, net.embed_pixels, "Inception-v3 pool (torch-fidelity inception-v3-compat)"
         else:
@@ -519,17 +527,84 @@ def lambda0_check(rows: List[ImageRow], scored: Dict[str, Any], limit: int = 256
     return checks
 
 
+def _check_writable_folder(path: str, flag: str) -> None:
+    """``path`` is, or can become, a folder this user may write in (nothing is made yet)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise EvaluationError(f"{flag} {path} is a file; name a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvaluationError(f"{flag} {path} cannot be made, because {parent} is a file; name another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvaluationError(f"{flag} {path}: this user may not write in {parent}; name another folder")
+
+
+def _folders_under(path: str) -> set:
+    return {root for root, _, _ in os.walk(path)} if os.path.isdir(path) else set()
+
+
+def _missing_ancestors(path: str) -> List[str]:
+    """``path`` and the folders above it that do not exist yet, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_new_empty_folders(out_dir: str, before: set, ancestors: List[str]) -> None:
+    """After a failed run: the folders it made and left empty go; os.rmdir removes empty folders only,
+    so no file and no folder that was there before is touched."""
+    for root, _, _ in os.walk(out_dir, topdown=False):
+        if root not in before:
+            try:
+                os.rmdir(root)
+            except OSError:
+                pass
+    for folder in ancestors:  # deepest first; out_dir itself may be gone already
+        try:
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+        except OSError:
+            break
+
+
 def evaluate(opts: Options, log: Callable[[str], None] = print, progress=None) -> Dict[str, Any]:
-    """The whole evaluation; returns what results.json holds (and writes every output)."""
+    """The whole evaluation; returns what results.json holds (and writes every output).
+
+    Every input is checked before the output folder is made and any image is generated; a run that
+    stops on an error leaves no folder it made empty (a rerun continues from the images it made)."""
+    before, ancestors = _folders_under(opts.out_dir), _missing_ancestors(opts.out_dir)
+    try:
+        return _evaluate(opts, log, progress)
+    except BaseException:
+        _remove_new_empty_folders(opts.out_dir, before, ancestors)
+        raise
+
+
+def _evaluate(opts: Options, log: Callable[[str], None], progress) -> Dict[str, Any]:
     if progress is None:
         from tqdm import tqdm as progress
     from . import report
 
-    os.makedirs(opts.out_dir, exist_ok=True)
+    _check_writable_folder(opts.out_dir, "--out")
+    if opts.cache_dir:
+        _check_writable_folder(opts.cache_dir, "--cache-dir")
     rows = plan(opts)
     if not rows:
         raise EvaluationError("nothing to evaluate: give an image source (--webui, --offline or --images)")
+    names = list(dict.fromkeys(r.setting for r in rows))
+    if opts.baseline and not {opts.baseline, *(f"{r.group} {opts.baseline}" for r in rows)} & set(names):  # several sources prefix names
+        raise EvaluationError(f"--baseline {opts.baseline!r} is not a setting of this run (settings: {', '.join(names)})")
+    pending = {id(r.generated_by): r.generated_by for r in rows if r.generated_by is not None and not _image_ok(r.path)}
+    for source in pending.values():  # checkpoint, adapters, sizes: seconds, before the models load
+        if hasattr(source, "check"):
+            source.check(opts.settings)
     scorers = None if opts.generate_only else load_scorers(opts)
+    if scorers is not None and scorers.reference is not None:
+        log(scorers.reference.description)
+    os.makedirs(opts.out_dir, exist_ok=True)
     started = time.monotonic()
     stats = generate(rows, opts, log, progress)
     generation_seconds = time.monotonic() - started
@@ -549,6 +624,7 @@ def evaluate(opts: Options, log: Callable[[str], None] = print, progress=None) -
         "sources": [s.describe() for s in opts.sources] + [{"source": "folder", "name": n, "folder": os.path.abspath(f)} for n, f in opts.folders],
         "clip": opts.clip, "aesthetic_predictor": os.path.basename(opts.aesthetic) if opts.aesthetic else None,
         "reference": os.path.abspath(opts.reference) if opts.reference else None, "fid_features": opts.fid_features,
+        "reference_images": scorers.reference.description if scorers.reference is not None else None,
         "prompts": len(opts.prompts), "seeds_per_prompt": opts.seeds_per_prompt, "seed": opts.seed,
         "probes": scored["probes"], "baselines": scored["baselines"],
         "settings": summary,

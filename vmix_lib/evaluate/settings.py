@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import EvaluationError
@@ -21,7 +21,7 @@ OFF = "off"
 class AdapterRef:
     """An adapter as the evaluation names it: the WebUI's name, and its file when there is one here."""
 
-    name: str  # the name the WebUI knows (file stem); also the report's label
+    name: str  # the name the WebUI knows (file stem); also the report's label (offline: "folder/stem" when stems clash)
     path: Optional[str] = None  # a local .safetensors file (offline generation; dimension names)
     dimensions: Tuple[str, ...] = ()
 
@@ -92,6 +92,48 @@ def adapter_ref(spec: str) -> AdapterRef:
     if not spec.strip():
         raise EvaluationError("--adapter is empty; give an adapter file or the adapter's name in the WebUI")
     return AdapterRef(spec.strip())
+
+
+def distinct_adapters(refs: Sequence[AdapterRef], webui: bool) -> List[AdapterRef]:
+    """The ``--adapter`` list with one name each.
+
+    Two files of the same name from different folders are told apart by their folders offline
+    ("run1/vmix", "run2/vmix"); a WebUI knows an adapter by its file name only, so with ``webui``
+    they are refused, both paths named.  The same adapter given twice is refused.
+    """
+    groups: Dict[str, List[int]] = {}
+    for i, ref in enumerate(refs):
+        groups.setdefault(ref.name, []).append(i)
+    out = list(refs)
+    for name, members in groups.items():
+        if len(members) < 2:
+            continue
+        a, b = (refs[i] for i in members[:2])
+        if a.path is None or b.path is None:
+            both = " and ".join("the WebUI name " + repr(r.name) if r.path is None else f"the file {r.path}" for r in (a, b))
+            raise EvaluationError(f"--adapter {name!r} is given twice ({both}); give each adapter once")
+        paths = [refs[i].path for i in members]
+        twice = next((p for p in paths if paths.count(p) > 1), None)
+        if twice:
+            raise EvaluationError(f"--adapter {twice} is given twice; give each adapter once")
+        if webui:
+            raise EvaluationError(
+                f"the adapters {a.path} and {b.path} are both called {name!r}, and the WebUI knows an adapter by its file name "
+                "only; rename one of the files (offline evaluation tells them apart by their folders)"
+            )
+        for i, label in zip(members, _folder_labels(paths, name)):
+            out[i] = replace(refs[i], name=label)
+    return out
+
+
+def _folder_labels(paths: Sequence[str], name: str) -> List[str]:
+    """The shortest 'folder/.../name' labels that differ, e.g. run1/vmix and run2/vmix; numbered if none do."""
+    parts = [os.path.dirname(p).replace("\\", "/").strip("/").split("/") for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:] + [name]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{name} ({k})" for k in range(1, len(paths) + 1)]  # e.g. x.safetensors and x.SAFETENSORS
 
 
 def build_settings(

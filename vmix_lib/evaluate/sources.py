@@ -72,6 +72,74 @@ def read_image_folder(folder: str) -> List[FolderImage]:
     return images
 
 
+@dataclass(frozen=True)
+class ReferenceSet:
+    folder: str
+    paths: List[str]  # the images FID/KID compare with
+    description: str  # one line: what was counted and what was skipped
+
+
+# What vmix prepare writes beside the dataset's images (review pages with their histograms, caches).
+_PREPARE_EXTRAS = ("review", "prepare")
+
+
+def read_reference_folder(folder: str) -> ReferenceSet:
+    """The dataset images of a reference folder: those its ``metadata.jsonl`` lists when it has one
+    (a dataset, e.g. vmix prepare's output), else every image under it except vmix prepare's
+    ``review/`` and ``prepare/`` folders; one sentence when none is left."""
+    from ..scoring import ScoringError
+    from ..scoring.images import IMAGE_EXTENSIONS, find_images
+
+    if not os.path.isdir(folder):
+        raise EvaluationError(f"--reference {folder} is not a folder; name the folder of the reference images")
+    try:
+        found = find_images(folder)
+    except ScoringError as e:
+        raise EvaluationError(str(e)) from None
+    meta = os.path.join(folder, "metadata.jsonl")
+    if os.path.isfile(meta):
+        listed: List[str] = []
+        with open(meta, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    name = json.loads(line)["file_name"]
+                except (ValueError, KeyError, TypeError):
+                    raise EvaluationError(f"{meta} line {number} is not a JSON object with file_name") from None
+                listed.append(os.path.normpath(str(name).replace("\\", "/")).replace(os.sep, "/"))
+        listed = [n for n in dict.fromkeys(listed) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        present = [n for n in listed if os.path.isfile(os.path.join(folder, n))]
+        absent = sorted(set(listed) - set(present))
+        wanted = set(listed)
+        skipped = [n for n in found if n not in wanted]
+        what = f"{len(present)} image(s) that metadata.jsonl lists"
+        if skipped:
+            what += f"; skipped {len(skipped)} image file(s) it does not list ({_by_folder(skipped)})"
+        if absent:
+            what += f"; {len(absent)} listed file(s) are missing (first: {absent[0]})"
+        if not present:
+            raise EvaluationError(f"reference folder {folder}: metadata.jsonl lists no image that is there ({what})")
+        return ReferenceSet(folder, [os.path.join(folder, n) for n in present], f"reference {folder}: {what}")
+    ours = os.path.isfile(os.path.join(folder, "prepare", "written.jsonl"))  # vmix prepare's output, metadata not yet written
+    skipped = [n for n in found if ours and n.split("/", 1)[0] in _PREPARE_EXTRAS]
+    kept = [n for n in found if not (ours and n.split("/", 1)[0] in _PREPARE_EXTRAS)]
+    if not kept:
+        raise EvaluationError(f"reference folder {folder} holds no .png, .jpg or .webp images" + (
+            f" besides vmix prepare's review pictures ({_by_folder(skipped)})" if skipped else ""))
+    what = f"{len(kept)} image(s)" + (f"; skipped {len(skipped)} image file(s) of vmix prepare's own folders ({_by_folder(skipped)})" if skipped else "")
+    return ReferenceSet(folder, [os.path.join(folder, n) for n in kept], f"reference {folder}: {what}")
+
+
+def _by_folder(names: List[str]) -> str:
+    """'review/: 14, top level: 2'"""
+    counts: Dict[str, int] = {}
+    for n in names:
+        key = n.split("/", 1)[0] + "/" if "/" in n else "top level"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in counts.items())
+
+
 def parse_folder_spec(spec: str) -> Tuple[str, str]:
     """``--images NAME=DIR`` (or just DIR: the folder's name) -> (setting name, folder)."""
     name, sep, folder = spec.partition("=")

@@ -19,7 +19,9 @@ from typing import List, Sequence
 
 import torch
 
+from ..scoring import ScoringError
 from ..scoring.clip import _short
+from ..scoring.paths import check_model_folder
 from .errors import PrepareError
 
 # Labels that mean "reject" when the user names none: a watermark, a logo or text, but not their absence.
@@ -36,17 +38,17 @@ def _identity(model) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_path_like(kind: str, source: str) -> None:
-    """A name that can only be a path (absolute, ./, ~, several slashes) must exist: say so plainly
-    instead of reporting a failed hub lookup."""
-    if os.path.exists(source) or not source:
-        return
-    if os.path.isabs(source) or source.startswith((".", "~")) or source.count("/") > 1 or (os.sep != "/" and os.sep in source):
-        raise PrepareError(f"the {kind} folder {source} does not exist; name a folder with config.json and weights, or a hub id such as owner/name")
+def check_path_like(kind: str, source: str) -> str:
+    """``source`` with ``~`` expanded; one sentence when it can only be a path and does not exist
+    (the rule lives in vmix_lib.scoring.paths, shared with evaluate's --clip)."""
+    try:
+        return check_model_folder(kind, source)
+    except ScoringError as e:
+        raise PrepareError(str(e)) from None
 
 
 def _load(kind: str, source: str, loader, allow_download: bool):
-    check_path_like(kind, source)
+    source = check_path_like(kind, source)
     is_path = os.path.exists(source)
     if is_path and not os.path.isdir(source):
         raise PrepareError(f"the {kind} {source} is a file; name the folder that holds its config.json and weights")

@@ -95,7 +95,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     device = resolve_device(s.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if clip is None:
-        check_path_like("CLIP model", s.clip)
+        check_path_like("CLIP", s.clip)
         log(f"Loading CLIP {s.clip} ({device}) ...")
         clip = load_clip(s.clip, device=device, dtype=dtype, allow_download=s.allow_download)
     predictor = load_aesthetic_predictor(s.aesthetic_predictor, device=device, expected_dim=clip.dim) if s.aesthetic_predictor else None

@@ -12,6 +12,8 @@ Both roads need the same things, so they live once, here:
 - ``images``: finding images in a folder tree and decoding them fully (truncated files are caught).
 - ``features``: an on-disk cache of image embeddings per image file, in safetensors shards, so
   nothing is encoded twice and 100,000 images never sit in memory as pixels.
+- ``paths``: the one rule that tells a local model folder from a hub id (a missing folder is named as
+  a folder, not looked up on the hub).
 - ``tiny``: small random-weight CLIP models and predictors in the real formats, for tests and demos.
 
 Every wrong file or name raises ``ScoringError`` with one sentence.  Nothing here imports the WebUI.

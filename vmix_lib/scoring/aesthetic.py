@@ -46,8 +46,16 @@ class AestheticPredictor(nn.Module):
 
 def _read_state(path: str) -> Dict[str, torch.Tensor]:
     name = os.path.basename(path)
+    if os.path.isdir(path):
+        raise ScoringError(
+            f"aesthetic predictor {path} is a folder; name the predictor file itself, a .pth or .safetensors file "
+            "such as sac+logos+ava1-l14-linearMSE.pth"
+        )
     if not os.path.isfile(path):
-        raise ScoringError(f"aesthetic predictor file {path} does not exist")
+        raise ScoringError(
+            f"aesthetic predictor file {path} does not exist; name the LAION predictor's .pth or .safetensors file "
+            "(e.g. sac+logos+ava1-l14-linearMSE.pth)"
+        )
     lower = name.lower()
     if lower.endswith(".safetensors"):
         from safetensors.torch import load_file

@@ -18,8 +18,8 @@ from typing import List, Sequence
 import torch
 
 from .errors import ScoringError
+from .paths import DEFAULT_CLIP, check_model_folder
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"  # the LAION aesthetic predictor's CLIP
 MAX_TOKENS = 77
 
 
@@ -104,6 +104,7 @@ def load_clip(source: str = DEFAULT_CLIP, device="cpu", dtype: torch.dtype = tor
 
     if not source:
         raise ScoringError("no CLIP model was named; give a local folder or a hub id such as openai/clip-vit-large-patch14")
+    source = check_model_folder("CLIP", source, DEFAULT_CLIP)  # a missing folder is not a hub id
     is_path = os.path.exists(source)
     if is_path and not os.path.isdir(source):
         raise ScoringError(
