@@ -364,6 +364,74 @@ def test_interrupted_run_resumes_encoding_only_what_is_missing(tmp_path):
     assert result.thresholds == fresh.thresholds
 
 
+def test_ctrl_c_keeps_every_embedding_and_hash_finished(tmp_path):
+    inp, out = palette_folder(str(tmp_path / "in")), str(tmp_path / "out")
+    clip = ColourClip()
+    clip.interrupt_after = 2  # Ctrl-C in the third batch of 3, far below a shard of 1,024
+    with pytest.raises(KeyboardInterrupt):
+        run(settings(inp, out, batch_size=3, shard_size=1024), clip=clip)
+    resumed = ColourClip()
+    result = run(settings(inp, out, batch_size=3, shard_size=1024), clip=resumed)
+    assert result.encoded == resumed.embedded == 2  # the 6 images of the two finished batches were kept
+
+    class StopAfterThree(Quiet):  # Ctrl-C while the fourth file is being hashed
+        def __init__(self, *args, desc="", **kwargs):
+            self.desc, self.n = desc, 0
+
+        def update(self, n=1):
+            self.n += n
+            if self.desc == "hashing images" and self.n == 3:
+                raise KeyboardInterrupt
+
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(settings(inp, fresh), log=lambda m: None, progress=StopAfterThree, clip=ColourClip())
+    from vmix_lib.prepare.records import RecordFile
+
+    assert len(RecordFile(os.path.join(fresh, "prepare", "cache", "files.jsonl")).records) == 3
+
+
+def test_features_are_written_at_least_every_flush_seconds(tmp_path, monkeypatch):
+    import vmix_lib.scoring.features as features
+
+    now = [0.0]
+    monkeypatch.setattr(features, "_clock", lambda: now[0])
+    cache = features.FeatureCache(str(tmp_path), "model", shard_size=1024, flush_seconds=60.0)
+    cache.add(["a"], torch.ones(1, 4))
+    now[0] = 59.0
+    cache.add(["b"], torch.ones(1, 4))
+    assert features.FeatureCache(str(tmp_path), "model")._where == {}  # nothing on disk yet
+    now[0] = 60.0
+    cache.add(["c"], torch.ones(1, 4))  # a minute after the last write: all three are written
+    assert sorted(features.FeatureCache(str(tmp_path), "model")._where) == ["a", "b", "c"]
+
+
+def test_a_file_that_fails_to_decode_is_reported_again_without_decoding_it_again(tmp_path, monkeypatch):
+    import vmix_lib.scoring.features as features
+
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    caption(hsv_image(os.path.join(inp, "good.png"), 0.2, 0.5, 0.5), "good")
+    Image.new("RGB", (200, 200), (10, 200, 30)).save(os.path.join(inp, "whole.jpg"), quality=95)
+    data = open(os.path.join(inp, "whole.jpg"), "rb").read()
+    with open(os.path.join(inp, "truncated.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])  # its header is whole: only a full decode finds the cut
+    os.remove(os.path.join(inp, "whole.jpg"))
+    decoded = []
+    real = features.read_image
+    monkeypatch.setattr(features, "read_image", lambda path: decoded.append(os.path.basename(path)) or real(path))
+    first = run(settings(inp, out, default_caption="x"))
+    assert sorted(decoded) == ["good.png", "truncated.jpg"]
+    reason = dict(first.dropped["unreadable"])["truncated.jpg"]
+    assert reason.startswith("image file is truncated")
+    decoded.clear()
+    second = run(settings(inp, out, default_caption="x"))
+    assert decoded == [] and second.dropped["unreadable"] == [("truncated.jpg", reason)]
+    Image.new("RGB", (200, 200), (200, 30, 10)).save(os.path.join(inp, "truncated.jpg"), quality=95)  # repaired:
+    os.utime(os.path.join(inp, "truncated.jpg"), ns=(10**9, 10**9))  # a new file identity, decoded again
+    third = run(settings(inp, out, default_caption="x"))
+    assert decoded == ["truncated.jpg"] and third.dropped["unreadable"] == []
+
+
 def test_an_edited_image_is_encoded_again_and_its_link_replaced(tmp_path):
     inp, out = palette_folder(str(tmp_path / "in")), str(tmp_path / "out")
     run(settings(inp, out, link_mode="copy"))

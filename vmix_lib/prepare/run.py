@@ -224,28 +224,29 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         todo = [i for i in need if images[i].key not in records]
         if todo:
             bar = progress(total=len(todo), desc="captions", unit="img")
-            for batch in _batched(todo, s.batch_size):
-                pictures = []
-                for i in batch:
+            try:
+                for batch in _batched(todo, s.batch_size):
+                    pictures = []
+                    for i in batch:
+                        try:
+                            pictures.append(read_image(images[i].path))
+                        except Exception:  # it decoded for CLIP a moment ago; treat as uncaptionable
+                            pictures.append(None)
+                    good = [(i, p) for i, p in zip(batch, pictures) if p is not None]
                     try:
-                        pictures.append(read_image(images[i].path))
-                    except Exception:  # it decoded for CLIP a moment ago; treat as uncaptionable
-                        pictures.append(None)
-                good = [(i, p) for i, p in zip(batch, pictures) if p is not None]
-                try:
-                    texts = captioner.caption([p for _, p in good], s.caption_prompt, s.caption_max_tokens) if good else []
-                except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. a checkpoint that needs a chat template
-                    records.flush()
-                    raise PrepareError(
-                        f"the captioner {captioner.source} failed on {images[batch[0]].rel} ({_short(e)}); it may need a prompt "
-                        "(--caption-prompt) or not be an image-captioning model (captions written so far are kept)"
-                    ) from None
-                for (i, _), text in zip(good, texts):
-                    records.put(images[i].key, text.strip())
-                captioned += len(good)
-                bar.update(len(batch))
+                        texts = captioner.caption([p for _, p in good], s.caption_prompt, s.caption_max_tokens) if good else []
+                    except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. a checkpoint that needs a chat template
+                        raise PrepareError(
+                            f"the captioner {captioner.source} failed on {images[batch[0]].rel} ({_short(e)}); it may need a prompt "
+                            "(--caption-prompt) or not be an image-captioning model (captions written so far are kept)"
+                        ) from None
+                    for (i, _), text in zip(good, texts):
+                        records.put(images[i].key, text.strip())
+                    captioned += len(good)
+                    bar.update(len(batch))
+            finally:  # also on an error or Ctrl-C: the captions written so far are kept
+                records.flush()
             bar.close()
-            records.flush()
         for i in need:
             text = (records.get(images[i].key) or "").strip()
             if text:

@@ -126,12 +126,14 @@ def read_facts(images: List[SourceImage], records: RecordFile, workers: int, pro
             todo.append(image)
     if todo:
         bar = progress(total=len(todo), desc="hashing images", unit="img")
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and header reads release the GIL
-            for image, facts in zip(todo, pool.map(_facts, [i.path for i in todo], chunksize=16)):
-                records.put(image.key, facts)
-                bar.update(1)
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and header reads release the GIL
+                for image, facts in zip(todo, pool.map(_facts, [i.path for i in todo], chunksize=16)):
+                    records.put(image.key, facts)
+                    bar.update(1)
+        finally:  # also on Ctrl-C: the files hashed so far are kept
+            records.flush()
         bar.close()
-        records.flush()
     for image in images:
         if image.key is None:
             continue
