@@ -479,6 +479,30 @@ def test_overrides_flip_exclude_and_keep_on_the_next_run(tmp_path):
     assert scan_dataset(out, DIMS).problems == []
 
 
+def test_keep_brings_back_an_exact_duplicate_and_a_small_image(tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    caption(hsv_image(os.path.join(inp, "a.png"), 0.0, 0.8, 0.6), "a")
+    with open(os.path.join(inp, "twin.png"), "wb") as f:
+        f.write(open(os.path.join(inp, "a.png"), "rb").read())
+    caption(os.path.join(inp, "twin.png"), "the twin")
+    caption(hsv_image(os.path.join(inp, "b.png"), 0.5, 0.3, 0.4), "b")
+    caption(hsv_image(os.path.join(inp, "tiny.png"), 0.25, 0.9, 0.9, size=(20, 20)), "tiny")
+    s = settings(inp, out)
+    first = run(s)
+    assert first.names == ["a.png", "b.png"]
+    assert dict(first.dropped["duplicate"]) == {"twin.png": "same content as a.png"} and list(dict(first.dropped["small"])) == ["tiny.png"]
+    with open(os.path.join(out, "prepare", "overrides.csv"), "a", encoding="utf-8") as f:
+        f.write("twin.png,*,keep\ntiny.png,*,keep\n")
+    clip = ColourClip()
+    second = run(s, clip=clip)
+    assert clip.embedded == 2  # only the two brought back are encoded now
+    assert second.names == ["a.png", "b.png", "tiny.png", "twin.png"] and second.notes == []
+    assert second.dropped["duplicate"] == [] and second.dropped["small"] == []
+    meta = read_metadata(out)
+    assert meta["twin.png"]["labels"] == meta["a.png"]["labels"] and meta["twin.png"]["text"] == "the twin"
+    assert os.path.isfile(os.path.join(out, "twin.png")) and scan_dataset(out, DIMS).problems == []
+
+
 @pytest.mark.parametrize("text,message", [
     ("p1.png,color\n", "line 1 must have three columns"),
     ("file_name,dimension,label\np1.png,colour,superior\n", "line 2: 'colour' is not a dimension"),

@@ -134,7 +134,15 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         status[live[d]] = ("duplicate", f"same content as {images[live[k]].rel}")
 
     # -- CLIP image embeddings (cached per file), scores ------------------------------------------
-    live = alive()
+    names = dataset_names([im.rel for im in images])
+    lookup = {}
+    for i, im in enumerate(images):
+        lookup[im.rel] = i
+        lookup[names[im.rel]] = i
+    # An image that 'keep' brings back after a check above (too small, an exact duplicate) needs its
+    # scores too: it is embedded with the others, and stays out of the filters below.
+    kept_back = {lookup[key] for key, action in overrides.actions.items() if action == "keep" and key in lookup}
+    live = sorted(alive() + [i for i in kept_back if i in status and status[i][0] in _SOFT])
     features = FeatureCache(os.path.join(cache_dir, "clip"), clip.identity, shard_size=s.shard_size)
     index_of = {images[i].path: i for i in live}
     embedded = embed_image_files([images[i].path for i in live], features, clip.pixel_values, clip.embed_pixels,
@@ -194,11 +202,6 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
             status[live[d]] = ("aesthetic", f"aesthetic score {float(aesthetic[row_of[live[d]]]):.3f}, {rule}")
 
     # -- overrides: exclude / keep -----------------------------------------------------------------
-    names = dataset_names([im.rel for im in images])
-    lookup = {}
-    for i, im in enumerate(images):
-        lookup[im.rel] = i
-        lookup[names[im.rel]] = i
     override_file = os.path.basename(s.overrides_path)
     for key in sorted(set(overrides.actions) | {f for f, _ in overrides.labels}):
         if key not in lookup:
@@ -210,10 +213,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         if action == "exclude" and i not in status:
             status[i] = ("excluded", f"excluded in {override_file}")
         elif action == "keep" and i in status and status[i][0] in _SOFT:
-            if i not in row_of:  # dropped before it was embedded: it has no scores to label it with
-                notes.append(f"{override_file}: 'keep' for {key} needs scores; it was dropped before scoring ({status[i][1]})")
-                continue
-            del status[i]
+            del status[i]  # every soft-dropped image with a 'keep' was embedded above
 
     # -- captions ----------------------------------------------------------------------------------
     need = [i for i in alive() if not images[i].caption]
