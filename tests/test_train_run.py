@@ -112,7 +112,18 @@ def test_existing_runs_are_never_overwritten_and_resume_checks(tiny_sd15, datase
 def test_dry_run_checks_and_writes_nothing(tiny_sd15, dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(tiny_sd15, dataset, out, "--dry-run")) == 0
-    assert "Dry run: the config, dataset, checkpoint header, model configs and tokenizers are usable." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Dry run: the config, dataset, checkpoint header, model configs and tokenizers are usable." in printed
+    # 4 images, 2 labelled color superior, none superior in the other 5 default dimensions: one warning
+    assert printed.count("warning") == 1 and (
+        "  data: 4 images; superior labels: color 2, lighting 0, composition 0, focus 0, texture 0, emotion 0\n"
+        "  warning: under 1 % of the 4 images are labelled superior in lighting (0), composition (0), focus (0), texture (0), "
+        "emotion (0): the adapter learns next to nothing for a dimension without superior examples; label some superior "
+        "(python -m vmix_lib.prepare, or the dataset's .json / metadata.jsonl labels) or train without them: --dimensions color\n"
+    ) in printed
+    assert main(_args(tiny_sd15, dataset, out, "--dry-run", "--dimensions", "color")) == 0  # the advice, taken
+    printed = capsys.readouterr().out
+    assert "  data: 4 images; superior labels: color 2\n" in printed and "warning" not in printed
     assert not out.exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"nope")
@@ -233,7 +244,7 @@ def test_bad_bucket_settings_and_lone_cpu_launch(tiny_sd15, dataset, tmp_path, c
     assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--bucket-step", "12", "--dry-run")) == 2
     assert "aspect-ratio buckets: resolution 32 is not a multiple of bucket_step 12" in capsys.readouterr().err
     assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--bucket-step", "4", "--dry-run")) == 2
-    assert "bucket_step 4 must be a multiple of 8 for this model" in capsys.readouterr().err
+    assert capsys.readouterr().err == "vmix train: error: bucket_step 4 (--bucket-step) must be a multiple of 8 for this model, e.g. 8\n"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu --num_processes 2` leaves
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)

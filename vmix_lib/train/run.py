@@ -27,7 +27,7 @@ from ..adapter_file import FORMAT, FORMAT_VERSION, METADATA_KEY, adapter_state, 
 from ..layers import FAMILY_TITLES, detect_family, find_cross_attention_layers
 from ..mixing import VMixAdapter, build_aes_emb
 from .checkpoint_loading import BaseModel, inspect_checkpoint, load_base_model, model_configs
-from .config import TrainConfig
+from .config import TrainConfig, not_a_multiple
 from .errors import TrainError
 from .logs import LossLog, plot_loss
 from .loop import AdapterTrainer, diffusers_unet_forward
@@ -107,7 +107,7 @@ def run_training(cfg: TrainConfig, dry_run: bool = False, log: Callable[[str], N
     resolution = cfg.family_default("resolution", family)
     for label, res in (("resolution", resolution), ("preview_resolution", cfg.preview_resolution or resolution)):
         if res % size_multiple:
-            raise TrainError(f"{label} {res} must be a multiple of {size_multiple} for this model")
+            raise TrainError(not_a_multiple(label, res, size_multiple, cfg.origin(label)))
     objective = OBJECTIVES[cfg.objective](cfg, family, size_multiple, main_log)
     lr = cfg.family_default("lr", family)
     output_dir = os.path.abspath(cfg.output_dir)
