@@ -583,6 +583,65 @@ def test_interrupted_placing_is_tidied_up_by_the_next_run(tmp_path, monkeypatch)
     assert scan_dataset(out, DIMS).problems == []
 
 
+def test_the_trainers_formats_are_read_and_other_files_counted_by_extension(tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    caption(hsv_image(os.path.join(inp, "a.png"), 0.1, 0.5, 0.5), "a png")
+    caption(hsv_image(os.path.join(inp, "sub", "b.bmp"), 0.6, 0.5, 0.5), "a bmp")
+    for name in ("c.gif", "sub/d.GIF", "e.tiff", "README"):
+        open(os.path.join(inp, name), "wb").close()
+    open(os.path.join(inp, ".hidden.gif"), "wb").close()  # hidden files are not counted
+    messages = []
+    result = run_prepare(settings(inp, out), log=messages.append, progress=Quiet, clip=ColourClip())
+    assert result.names == ["a.png", "sub__b.bmp"]
+    line = ("skipped 4 file(s) that are not in an image format the trainer reads (.png, .jpg, .jpeg, .webp, .bmp): "
+            ".gif 2, (no extension) 1, .tiff 1; convert them to include them")
+    assert result.notes == [line] and messages.count(f"  note: {line}") == 1
+    assert json.load(open(os.path.join(out, "prepare", "report.json")))["skipped_files"] == {".gif": 2, ".tiff": 1, "": 1}
+    assert scan_dataset(out, DIMS).problems == []  # the trainer reads the .bmp
+    only_gifs = str(tmp_path / "gifs")
+    os.makedirs(only_gifs)
+    open(os.path.join(only_gifs, "x.gif"), "wb").close()
+    with pytest.raises(PrepareError) as e:
+        run(settings(only_gifs, str(tmp_path / "out2")))
+    assert str(e.value) == f"no images (.png, .jpg, .jpeg, .webp, .bmp) under {only_gifs}; skipped 1 other file(s): .gif 1"
+
+
+def test_no_image_left_is_one_error(tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    os.makedirs(inp)
+    for name in ("a.png", "b.jpg"):
+        with open(os.path.join(inp, name), "wb") as f:
+            f.write(b"not an image")
+    messages = []
+    with pytest.raises(PrepareError) as e:
+        run_prepare(settings(inp, out), log=messages.append, progress=Quiet, clip=ColourClip())
+    assert str(e.value) == (f"no image is left in the dataset: all 2 were dropped (the counts above; "
+                            f"{os.path.join(out, 'review', 'index.html')} shows why each one was)")
+    assert not any("warning" in m or "trainer:" in m for m in messages)
+    assert os.path.isfile(os.path.join(out, "review", "index.html"))  # what the sentence points to
+
+
+def test_the_trainer_advice_is_what_the_trainer_accepts(tmp_path):
+    import tomllib
+
+    from vmix_lib.prepare.run import trainer_settings
+    from vmix_lib.train.config import resolve_config, settings_from_mapping
+
+    base = ["--checkpoint", "m.safetensors", "--output-dir", "o"]
+    s = settings_from_args([str(tmp_path / "in"), str(tmp_path / "my data"), "--dimensions", "focus,color"])
+    flags, toml = trainer_settings(s)
+    assert flags == ["--dataset-dir", str(tmp_path / "my data"), "--dimensions", "focus,color"]
+    cfg, _ = resolve_config(base + flags)
+    assert [d.name for d in cfg.dimensions] == ["focus", "color"] and cfg.dataset_dir == str(tmp_path / "my data")
+    values, dims = settings_from_mapping(tomllib.loads(toml), "hint", None)
+    assert values == {"dataset_dir": str(tmp_path / "my data")} and [d.name for d in dims] == ["focus", "color"]
+    s = settings_from_args([str(tmp_path / "in"), "C:\\data\\out", "--probe", "warmth=a warm photo|a cold photo"])
+    flags, toml = trainer_settings(s)  # a new dimension: only a config file can define it
+    assert flags is None
+    values, dims = settings_from_mapping(tomllib.loads(toml), "hint", None)
+    assert values["dataset_dir"].endswith("C:\\data\\out") and [d.name for d in dims] == s.dimension_names
+
+
 def test_images_without_captions_are_listed_and_left_out(tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     caption(hsv_image(os.path.join(inp, "with.png"), 0.1, 0.5, 0.5), "has one")

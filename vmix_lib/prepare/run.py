@@ -20,7 +20,7 @@ from ..scoring.aesthetic import load_aesthetic_predictor
 from ..scoring.clip import _short, load_clip
 from ..scoring.device import resolve_device
 from ..scoring.features import FeatureCache, embed_image_files
-from ..scoring.images import read_image
+from ..scoring.images import IMAGE_EXTENSIONS, describe_skipped, read_image
 from ..scoring.probes import antonym_probability, encode_probes
 from .errors import PrepareError
 from .filters import aesthetic_cut, exact_duplicates, near_duplicates
@@ -111,10 +111,16 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     workers = s.worker_count()
 
     notes: List[str] = []
-    images = scan_input(source_dir, notes)
+    skipped: Dict[str, int] = {}
+    images = scan_input(source_dir, notes, skipped)
+    formats = ", ".join(IMAGE_EXTENSIONS)
     if not images:
-        raise PrepareError(f"no images (.png, .jpg, .jpeg, .webp) under {source_dir}")
+        raise PrepareError(f"no images ({formats}) under {source_dir}"
+                           + (f"; skipped {sum(skipped.values())} other file(s): {describe_skipped(skipped)}" if skipped else ""))
     log(f"vmix prepare: {len(images)} images under {source_dir}")
+    if skipped:
+        notes.insert(0, f"skipped {sum(skipped.values())} file(s) that are not in an image format the trainer reads "
+                        f"({formats}): {describe_skipped(skipped)}; convert them to include them")
     n = len(images)
     status: Dict[int, Tuple[str, str]] = {}  # image index -> (filter id, reason)
 
@@ -306,6 +312,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         "watermark_model": s.watermark_model or None, "watermark_threshold": s.watermark_threshold if classifier is not None else None,
         "captioner": s.captioner or None,
         "counts": {"found": n, "in_dataset": len(kept), **{fid: len(v) for fid, v in dropped.items()}},
+        "skipped_files": skipped,
         "dropped": {fid: [{"source": rel, "reason": reason} for rel, reason in v] for fid, v in dropped.items()},
         "dimensions": {
             p.name: {"rule": s.rule(p.name).describe(), "threshold": thresholds[p.name], "superior": superior[p.name],
@@ -323,18 +330,19 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     log("  " + ", ".join(f"{title}: {len(dropped[fid])}" for fid, title in FILTERS))
     log(f"  dataset: {len(kept)} images in {out} ({s.link_mode}; {placed} placed, {removed} removed now); "
         f"CLIP embeddings computed now: {embedded.computed} (the rest from the cache)" + (f"; captions written now: {captioned}" if captioned else ""))
-    log("  superior/inferior: " + ", ".join(
-        f"{p.name} {superior[p.name]}/{len(kept) - superior[p.name]} (threshold {'n/a' if thresholds[p.name] is None else format(thresholds[p.name], '.4f')})"
-        for p in s.probes))
+    if kept:
+        log("  superior/inferior: " + ", ".join(
+            f"{p.name} {superior[p.name]}/{len(kept) - superior[p.name]} (threshold {'n/a' if thresholds[p.name] is None else format(thresholds[p.name], '.4f')})"
+            for p in s.probes))
     for note in notes[:20]:
         log(f"  note: {note}")
     if len(notes) > 20:
         log(f"  ... {len(notes) - 20} more notes in {os.path.join(folder.work, 'report.json')}")
     log(f"  review: {review}")
     log(f"  label overrides: {s.overrides_path}" + (" (created empty)" if created_template else "") + "; rerun the same command to apply them")
-    log(f"  trainer: {trainer_hint}")
     if not kept:
-        log("  warning: no image is left in the dataset; the counts above and the review page say why")
+        raise PrepareError(f"no image is left in the dataset: all {n} were dropped (the counts above; {review} shows why each one was)")
+    log(f"  trainer: {trainer_hint}")
     return PrepareResult(out, sorted(wanted), dropped, thresholds, superior, embedded.computed, captioned, review, notes)
 
 
@@ -345,13 +353,27 @@ def _caption_counts(images: Sequence[SourceImage], kept: Sequence[int]) -> Dict[
     return counts
 
 
-def _trainer_hint(s: PrepareSettings) -> str:
+def trainer_settings(s: PrepareSettings) -> Tuple[Optional[List[str]], str]:
+    """What the trainer needs to read this dataset: its flags (None when a dimension is not built in:
+    a new one needs a table in the config file) and the same as config-file lines (TOML)."""
     from ..dimensions import DEFAULT_DIMENSIONS
 
     builtin = {d.name for d in DEFAULT_DIMENSIONS}
-    parts = [f'"{p.name}"' if p.name in builtin else
+    parts = [json.dumps(p.name) if p.name in builtin else
              f'{{ name = "{p.name}", positive = "<label phrase>", negative = "<rare token>" }}' for p in s.probes]
-    return f"set dimensions = [{', '.join(parts)}] in the trainer config and dataset_dir = \"{s.output_dir}\""
+    toml = f"dataset_dir = {json.dumps(s.output_dir, ensure_ascii=False)}\ndimensions = [{', '.join(parts)}]"
+    if all(p.name in builtin for p in s.probes):
+        return ["--dataset-dir", s.output_dir, "--dimensions", ",".join(p.name for p in s.probes)], toml
+    return None, toml
+
+
+def _trainer_hint(s: PrepareSettings) -> str:
+    flags, toml = trainer_settings(s)
+    in_file = "; ".join(toml.splitlines())
+    if flags is None:
+        return f"python -m vmix_lib.train with these lines in its config file: {in_file}"
+    quoted = " ".join(f'"{f}"' if " " in f or not f else f for f in flags)
+    return f"python -m vmix_lib.train --config YOUR.toml {quoted} (or in the config file: {in_file})"
 
 
 def _write_scores(path, images, names, status, row_of, aesthetic, reject, dim_scores, labels, s) -> None:

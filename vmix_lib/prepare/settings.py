@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..dimensions import NAME_RE
 from ..scoring import ScoringError
 from ..scoring.clip import DEFAULT_CLIP
+from ..scoring.images import IMAGE_EXTENSIONS
 from ..scoring.probes import DEFAULT_PROBES, DimensionProbe, default_probes, parse_probe
 from .errors import PrepareError
 
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rerun the same command to continue an interrupted run, or with new thresholds: "
         "everything already computed is reused.",
     )
-    p.add_argument("input_dir", help="folder of images (searched recursively: png, jpg, jpeg, webp)")
+    p.add_argument("input_dir", help="folder of images (searched recursively: "
+                   + ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS) + "; other files are counted and skipped)")
     p.add_argument("output_dir", help="the dataset folder to write (new or written by this tool before)")
     m = p.add_argument_group("models")
     m.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP folder or hub id (default: %(default)s, the predictor's CLIP)")

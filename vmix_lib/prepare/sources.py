@@ -74,9 +74,10 @@ def _metadata_captions(input_dir: str, folders, notes: List[str]) -> Dict[str, s
     return {rel: text for rel, (_, text) in captions.items()}
 
 
-def scan_input(input_dir: str, notes: List[str]) -> List[SourceImage]:
-    """Every image under ``input_dir`` with its caption (if any), sorted by relative path."""
-    rels = find_images(input_dir)
+def scan_input(input_dir: str, notes: List[str], skipped: Optional[Dict[str, int]] = None) -> List[SourceImage]:
+    """Every image under ``input_dir`` with its caption (if any), sorted by relative path;
+    ``skipped`` receives the count per extension of the other files (see find_images)."""
+    rels = find_images(input_dir, skipped=skipped)
     folders = set()
     for rel in rels:
         parts = rel.split("/")[:-1]

@@ -3,13 +3,20 @@ font of the pictures the tools draw."""
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# The image formats every tool reads (preparation, evaluation, the trainer's dataset): one list.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Files that travel with images and are not skipped pictures: captions, labels, metadata.
+COMPANION_EXTENSIONS = (".txt", ".json", ".jsonl")
 
 
-def find_images(folder: str, recursive: bool = True) -> List[str]:
-    """Image files under ``folder`` (sorted relative paths, '/'-separated), hidden folders skipped."""
+def find_images(folder: str, recursive: bool = True, skipped: Optional[Dict[str, int]] = None) -> List[str]:
+    """Image files under ``folder`` (sorted relative paths, '/'-separated), hidden folders skipped.
+
+    ``skipped``: a dict that receives, per extension ('.gif', or '' for none), how many other files
+    were passed over (hidden files and the caption/label companions are not counted).
+    """
     from .errors import ScoringError
 
     if not os.path.isdir(folder):
@@ -18,9 +25,19 @@ def find_images(folder: str, recursive: bool = True) -> List[str]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         for name in files:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+            if name.startswith("."):
+                continue
+            ext = os.path.splitext(name)[1].lower()
+            if ext in IMAGE_EXTENSIONS:
                 found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+            elif skipped is not None and ext not in COMPANION_EXTENSIONS:
+                skipped[ext] = skipped.get(ext, 0) + 1
     return sorted(found)
+
+
+def describe_skipped(skipped: Dict[str, int]) -> str:
+    """'.gif 2, .tiff 1, (no extension) 1': most frequent first."""
+    return ", ".join(f"{ext or '(no extension)'} {count}" for ext, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def file_key(path: str) -> str:
