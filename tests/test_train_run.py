@@ -55,8 +55,8 @@ def test_full_run_writes_every_output(tiny_sd15, dataset, tmp_path, capsys):
     assert sorted(os.listdir(out / "previews")) == ["t-step000002.png", "t-step000004.png"]
     with Image.open(out / "previews" / "t-step000004.png") as grid:
         # 2 lambdas x (1 prompt + that prompt with each of the 6 dimensions alone), 32 px tiles shown
-        # at 128 px, a 110 px margin for the row labels
-        assert grid.size == (110 + 2 * 128, 7 * 128 + 34)
+        # at 128 px, a 150 px margin for the row labels
+        assert grid.size == (150 + 2 * 128, 7 * 128 + 34)
     assert [s for s, _ in _losses(out)] == [1, 2, 3, 4]
     assert len(os.listdir(out / "cache")) == 4
 
@@ -229,7 +229,7 @@ def test_bucketed_sdxl_run_conditions_on_the_real_crop(tmp_path, capsys, monkeyp
     assert sorted(tuple(c["latents"].shape) for c in cached) == [(4, 6, 10)] * 2 + [(4, 8, 8)] * 2 + [(4, 10, 6)] * 2
     assert sorted(c["size_crop"].tolist() for c in cached) == [[32, 64, 0, 4]] * 2 + [[40, 40, 0, 0]] * 2 + [[64, 32, 4, 0]] * 2
     with Image.open(out / "previews" / "t-step000003.png") as grid:
-        assert grid.size == (110 + 2 * 128, 8 * 128 + 34)  # at the training resolution: 2 prompts + 6 dimensions alone
+        assert grid.size == (150 + 2 * 128, 8 * 128 + 34)  # at the training resolution: 2 prompts + 6 dimensions alone
 
     seen.clear()
     square = tmp_path / "square"

@@ -349,15 +349,14 @@ def _preview_maker(cfg, base: BaseModel, conditioner, trainer, objective, resolu
     labels = torch.ones(len(rows), len(dims))
     if cfg.preview_dimensions:
         labels[len(prompts):] = torch.eye(len(dims))
-    row_labels = ["all"] * len(prompts) + (["only " + d for d in dims] if cfg.preview_dimensions else [])
+    row_labels = [p + "\nall dimensions" for p in prompts] + ([f"{prompts[0]}\nonly {d}" for d in dims] if cfg.preview_dimensions else [])
 
     def make(step: int) -> str:
         os.makedirs(folder, exist_ok=True)
         grid = lambda_sweep(
             trainer.mixer, forward, encode, decode, rows, cfg.preview_lambdas, shape, base.alphas_cumprod,
             cfg.preview_steps, cfg.preview_cfg, prediction, cfg.preview_seed, autocast=trainer.autocast,
-            title=f"step {step}: lambda sweep; rows: all dimensions superior"
-                  + (f", then '{prompts[0][:40]}' with one dimension at a time" if cfg.preview_dimensions else ""),
+            title=f"step {step}: one column per lambda; each row: its prompt and the dimensions labelled superior",
             labels=labels, row_labels=row_labels,
         )
         path = os.path.join(folder, f"{cfg.name}-step{step:06d}.png")
