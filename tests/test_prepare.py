@@ -710,6 +710,7 @@ def test_review_pages_sample_evenly_when_there_are_more_images_than_the_limit(tm
     (["--min-aesthetic", "5"], "need the predictor"),
     (["--near-duplicates", "1.5"], "cosine between 0 and 1"),
     (["--top-aesthetic", "0", "--aesthetic-predictor", "x.pth"], "fraction of images to keep"),
+    (["--threads", "-1"], "--threads must be at least 0"),
 ])
 def test_bad_settings_are_one_sentence(argv, message):
     with pytest.raises(PrepareError, match=message) as e:

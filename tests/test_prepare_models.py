@@ -108,6 +108,25 @@ def test_command_with_no_image_left_says_so_once_and_exits_2(tmp_path, models, c
     assert "warning" not in printed.out and "trainer:" not in printed.out and "unreadable or truncated: 1" in printed.out
 
 
+def test_command_uses_one_cpu_thread_for_tiny_models(tmp_path, models, capsys, monkeypatch):
+    from vmix_lib.scoring.clip import load_clip
+
+    inp = mixed_folder(str(tmp_path / "pictures"))
+    parameters = sum(p.numel() for p in load_clip(models["clip"]).model.parameters())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main([inp, str(tmp_path / "a"), "--clip", models["clip"], "--min-side", "32", "--workers", "0"]) == 0
+        assert (f"CPU threads: 1 (auto: the largest model has {parameters / 1e6:.3g} M parameters, under 10 M, where one "
+                "thread is fastest; --threads N to choose)\n") in capsys.readouterr().out
+        assert torch.get_num_threads() == 1
+        assert main([inp, str(tmp_path / "b"), "--clip", models["clip"], "--min-side", "32", "--workers", "0", "--threads", "2"]) == 0
+        assert "CPU threads: 2 (--threads 2)\n" in capsys.readouterr().out and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_labels_with_the_tiny_clip_match_its_own_zero_shot_probabilities(tmp_path, models):
     """Through the real CLIP (random weights) the tool's scores equal the model's own pairwise softmax."""
     from vmix_lib.scoring.clip import load_clip

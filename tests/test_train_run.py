@@ -268,3 +268,67 @@ def test_a_state_of_the_previous_trainer_version_continues_with_a_note(tiny_sd15
     assert "Note: the resume state was written by an earlier version of the trainer" in log
     assert "Note: the data order changed since the saved state: the data continue in epoch 2 at 0% of it" in log
     assert [s for s, _ in _losses(out)] == [1, 2, 3]
+
+
+def test_pixel_sizes_the_model_cannot_use_name_the_setting_the_value_and_where(tiny_sd15, dataset, tmp_path, capsys):
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--resolution", "30", "--dry-run")) == 2
+    assert capsys.readouterr().err == "vmix train: error: resolution 30 (--resolution) must be a multiple of 8 for this model, e.g. 24 or 32\n"
+    config = tmp_path / "c.toml"
+    config.write_text("[preview]\npreview_resolution = 4\n", encoding="utf-8")
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--config", str(config), "--dry-run")) == 2
+    assert capsys.readouterr().err == f"vmix train: error: preview_resolution 4 ({config}) must be a multiple of 8 for this model, e.g. 8\n"
+
+
+def test_cpu_threads_one_for_a_tiny_unet_unless_told(tiny_sd15, dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(_args(tiny_sd15, dataset, tmp_path / "a", "--max-steps", "1", "--preview-every", "0")) == 0
+        assert "  CPU threads: 1 (auto: the UNet has 1.11 M parameters, under 10 M, where one thread is fastest; " \
+               "--threads N to choose)\n" in capsys.readouterr().out
+        assert torch.get_num_threads() == 1
+        assert main(_args(tiny_sd15, dataset, tmp_path / "b", "--max-steps", "1", "--preview-every", "0", "--threads", "2")) == 0
+        assert "  CPU threads: 2 (--threads 2)\n" in capsys.readouterr().out and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(_args(tiny_sd15, dataset, tmp_path / "c", "--max-steps", "1", "--preview-every", "0")) == 0
+        assert "  CPU threads: 2 (OMP_NUM_THREADS=2)\n" in capsys.readouterr().out and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_thread_rule_for_a_real_size_model(monkeypatch):
+    from vmix_lib.cpu_threads import choose_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads, line = choose_threads(0, 859_520_964, "UNet")  # SD1.5's UNet: torch's default stays
+    assert threads is None and line == f"CPU threads: {torch.get_num_threads()} (auto: torch's default for the UNet of 860 M parameters; --threads N to choose)"
+    assert choose_threads(0, 9_999_999, "UNet")[0] == 1 and choose_threads(3, 9_999_999, "UNet")[0] == 3
+
+
+def test_preview_rows_name_their_prompt_and_dimensions(tiny_sd15, dataset, tmp_path, monkeypatch):
+    import vmix_lib.train.run as run_module
+
+    seen = {}
+    real = run_module.lambda_sweep
+    monkeypatch.setattr(run_module, "lambda_sweep", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--max-steps", "1", "--preview-every", "1", "--dimensions",
+                      "color,lighting", "--preview-prompt", "a cat", "--preview-prompt", "a dog")) == 0
+    assert seen["row_labels"] == ["a cat\nall dimensions", "a dog\nall dimensions", "a cat\nonly color", "a cat\nonly lighting"]
+    assert seen["title"] == "step 1: one column per lambda; each row: its prompt and the dimensions labelled superior"
+
+
+def test_preview_labels_draw_accented_letters_not_boxes():
+    from vmix_lib.scoring.images import FONT_FILES, _open_font, font_covers
+    from vmix_lib.train.previews import make_grid
+
+    if not any(_open_font(n, 12) and all(font_covers(n, _open_font(n, 12), c) for c in "éüñ") for n in FONT_FILES):
+        pytest.skip("this system has no scalable font with é, ü and ñ")
+    tile = Image.new("RGB", (32, 32), (128, 128, 128))
+
+    def grid(word):
+        return make_grid([[tile]], ["lambda 1"], title=f"a {word} photo", row_labels=[f"a {word} photo\nall dimensions"]).tobytes()
+
+    missing = grid("caf\U0010fffd Z\U0010fffdrich se\U0010fffdor")  # a code point no font has: drawn as a box
+    assert grid("café Zürich señor") != missing
+    assert grid("cafe Zurich senor") != grid("cafe Zurich senor".replace("e", "\U0010fffd"))  # the comparison sees glyphs

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cpu_threads import apply_threads
 from ..scoring.aesthetic import load_aesthetic_predictor
 from ..scoring.clip import _short, load_clip
 from ..scoring.device import resolve_device
@@ -106,6 +107,12 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     if s.captioner and captioner is None:
         log(f"Loading captioner {s.captioner} ...")
         captioner = load_captioner(s.captioner, device=device, dtype=dtype, allow_download=s.allow_download)
+    models = [getattr(m, "model", None) for m in (clip, classifier, captioner)]
+    parameters = [sum(p.numel() for p in m.parameters()) for m in models if isinstance(m, torch.nn.Module)]
+    if parameters or s.threads:  # the largest model decides (stand-ins without a torch model: only --threads)
+        threads = apply_threads(s.threads, max(parameters, default=0), "largest model", device.type)
+        if threads:
+            log(threads)
     folder.claim()
     cache_dir = os.path.join(folder.work, "cache")
     workers = s.worker_count()

@@ -85,6 +85,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("seed", "train", "int", 0, "seed for data order, noise, timesteps and dropout"),
     Setting("device", "train", "str", "auto", "auto = cuda if available, else cpu; several processes: each its LOCAL_RANK's GPU "
             "(cpu: torchrun processes train together over gloo)"),
+    Setting("threads", "train", "int", 0, "torch CPU threads per process (0 = auto: 1 for a UNet under 10 M parameters, a test "
+            "or smoke-run model, else torch's default; OMP_NUM_THREADS, when set, is kept)", minimum=0),
     Setting("ddp_timeout", "train", "int", 60, "minutes a process waits for the others (latent caching, saving) before giving up",
             minimum=1),
     Setting("save_every", "train", "int", 500, "save adapter (+LoRA, +resume state) every N steps (0 = only at the end)", minimum=0),
