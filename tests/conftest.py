@@ -3,11 +3,22 @@ with WebUI attn2 names, the real attn2 inventory fixture, and a VMix adapter wit
 """
 import json
 import math
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-import torch
+# One torch thread for the suite and the processes it starts (torchrun, accelerate launch), unless the
+# user chose: the tests' tensors are tiny, and on a shared 2-core machine torch's default of a thread
+# per core made them several times slower (a 60-step tiny training: 288 s against 14-28 s).
+_ONE_THREAD = not os.environ.get("OMP_NUM_THREADS", "").strip()
+if _ONE_THREAD:
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if _ONE_THREAD:
+    torch.set_num_threads(1)
 import torch.nn as nn
 import torch.nn.functional as F
 

@@ -364,6 +364,74 @@ def test_interrupted_run_resumes_encoding_only_what_is_missing(tmp_path):
     assert result.thresholds == fresh.thresholds
 
 
+def test_ctrl_c_keeps_every_embedding_and_hash_finished(tmp_path):
+    inp, out = palette_folder(str(tmp_path / "in")), str(tmp_path / "out")
+    clip = ColourClip()
+    clip.interrupt_after = 2  # Ctrl-C in the third batch of 3, far below a shard of 1,024
+    with pytest.raises(KeyboardInterrupt):
+        run(settings(inp, out, batch_size=3, shard_size=1024), clip=clip)
+    resumed = ColourClip()
+    result = run(settings(inp, out, batch_size=3, shard_size=1024), clip=resumed)
+    assert result.encoded == resumed.embedded == 2  # the 6 images of the two finished batches were kept
+
+    class StopAfterThree(Quiet):  # Ctrl-C while the fourth file is being hashed
+        def __init__(self, *args, desc="", **kwargs):
+            self.desc, self.n = desc, 0
+
+        def update(self, n=1):
+            self.n += n
+            if self.desc == "hashing images" and self.n == 3:
+                raise KeyboardInterrupt
+
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(settings(inp, fresh), log=lambda m: None, progress=StopAfterThree, clip=ColourClip())
+    from vmix_lib.prepare.records import RecordFile
+
+    assert len(RecordFile(os.path.join(fresh, "prepare", "cache", "files.jsonl")).records) == 3
+
+
+def test_features_are_written_at_least_every_flush_seconds(tmp_path, monkeypatch):
+    import vmix_lib.scoring.features as features
+
+    now = [0.0]
+    monkeypatch.setattr(features, "_clock", lambda: now[0])
+    cache = features.FeatureCache(str(tmp_path), "model", shard_size=1024, flush_seconds=60.0)
+    cache.add(["a"], torch.ones(1, 4))
+    now[0] = 59.0
+    cache.add(["b"], torch.ones(1, 4))
+    assert features.FeatureCache(str(tmp_path), "model")._where == {}  # nothing on disk yet
+    now[0] = 60.0
+    cache.add(["c"], torch.ones(1, 4))  # a minute after the last write: all three are written
+    assert sorted(features.FeatureCache(str(tmp_path), "model")._where) == ["a", "b", "c"]
+
+
+def test_a_file_that_fails_to_decode_is_reported_again_without_decoding_it_again(tmp_path, monkeypatch):
+    import vmix_lib.scoring.features as features
+
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    caption(hsv_image(os.path.join(inp, "good.png"), 0.2, 0.5, 0.5), "good")
+    Image.new("RGB", (200, 200), (10, 200, 30)).save(os.path.join(inp, "whole.jpg"), quality=95)
+    data = open(os.path.join(inp, "whole.jpg"), "rb").read()
+    with open(os.path.join(inp, "truncated.jpg"), "wb") as f:
+        f.write(data[: len(data) // 2])  # its header is whole: only a full decode finds the cut
+    os.remove(os.path.join(inp, "whole.jpg"))
+    decoded = []
+    real = features.read_image
+    monkeypatch.setattr(features, "read_image", lambda path: decoded.append(os.path.basename(path)) or real(path))
+    first = run(settings(inp, out, default_caption="x"))
+    assert sorted(decoded) == ["good.png", "truncated.jpg"]
+    reason = dict(first.dropped["unreadable"])["truncated.jpg"]
+    assert reason.startswith("image file is truncated")
+    decoded.clear()
+    second = run(settings(inp, out, default_caption="x"))
+    assert decoded == [] and second.dropped["unreadable"] == [("truncated.jpg", reason)]
+    Image.new("RGB", (200, 200), (200, 30, 10)).save(os.path.join(inp, "truncated.jpg"), quality=95)  # repaired:
+    os.utime(os.path.join(inp, "truncated.jpg"), ns=(10**9, 10**9))  # a new file identity, decoded again
+    third = run(settings(inp, out, default_caption="x"))
+    assert decoded == ["truncated.jpg"] and third.dropped["unreadable"] == []
+
+
 def test_an_edited_image_is_encoded_again_and_its_link_replaced(tmp_path):
     inp, out = palette_folder(str(tmp_path / "in")), str(tmp_path / "out")
     run(settings(inp, out, link_mode="copy"))
@@ -409,6 +477,30 @@ def test_overrides_flip_exclude_and_keep_on_the_next_run(tmp_path):
     page = open(os.path.join(out, "review", "color.html"), encoding="utf-8").read()
     assert 'class="overridden" data-name="p1.png" data-label="inferior"' in page
     assert scan_dataset(out, DIMS).problems == []
+
+
+def test_keep_brings_back_an_exact_duplicate_and_a_small_image(tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    caption(hsv_image(os.path.join(inp, "a.png"), 0.0, 0.8, 0.6), "a")
+    with open(os.path.join(inp, "twin.png"), "wb") as f:
+        f.write(open(os.path.join(inp, "a.png"), "rb").read())
+    caption(os.path.join(inp, "twin.png"), "the twin")
+    caption(hsv_image(os.path.join(inp, "b.png"), 0.5, 0.3, 0.4), "b")
+    caption(hsv_image(os.path.join(inp, "tiny.png"), 0.25, 0.9, 0.9, size=(20, 20)), "tiny")
+    s = settings(inp, out)
+    first = run(s)
+    assert first.names == ["a.png", "b.png"]
+    assert dict(first.dropped["duplicate"]) == {"twin.png": "same content as a.png"} and list(dict(first.dropped["small"])) == ["tiny.png"]
+    with open(os.path.join(out, "prepare", "overrides.csv"), "a", encoding="utf-8") as f:
+        f.write("twin.png,*,keep\ntiny.png,*,keep\n")
+    clip = ColourClip()
+    second = run(s, clip=clip)
+    assert clip.embedded == 2  # only the two brought back are encoded now
+    assert second.names == ["a.png", "b.png", "tiny.png", "twin.png"] and second.notes == []
+    assert second.dropped["duplicate"] == [] and second.dropped["small"] == []
+    meta = read_metadata(out)
+    assert meta["twin.png"]["labels"] == meta["a.png"]["labels"] and meta["twin.png"]["text"] == "the twin"
+    assert os.path.isfile(os.path.join(out, "twin.png")) and scan_dataset(out, DIMS).problems == []
 
 
 @pytest.mark.parametrize("text,message", [
@@ -491,6 +583,65 @@ def test_interrupted_placing_is_tidied_up_by_the_next_run(tmp_path, monkeypatch)
     assert scan_dataset(out, DIMS).problems == []
 
 
+def test_the_trainers_formats_are_read_and_other_files_counted_by_extension(tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    caption(hsv_image(os.path.join(inp, "a.png"), 0.1, 0.5, 0.5), "a png")
+    caption(hsv_image(os.path.join(inp, "sub", "b.bmp"), 0.6, 0.5, 0.5), "a bmp")
+    for name in ("c.gif", "sub/d.GIF", "e.tiff", "README"):
+        open(os.path.join(inp, name), "wb").close()
+    open(os.path.join(inp, ".hidden.gif"), "wb").close()  # hidden files are not counted
+    messages = []
+    result = run_prepare(settings(inp, out), log=messages.append, progress=Quiet, clip=ColourClip())
+    assert result.names == ["a.png", "sub__b.bmp"]
+    line = ("skipped 4 file(s) that are not in an image format the trainer reads (.png, .jpg, .jpeg, .webp, .bmp): "
+            ".gif 2, (no extension) 1, .tiff 1; convert them to include them")
+    assert result.notes == [line] and messages.count(f"  note: {line}") == 1
+    assert json.load(open(os.path.join(out, "prepare", "report.json")))["skipped_files"] == {".gif": 2, ".tiff": 1, "": 1}
+    assert scan_dataset(out, DIMS).problems == []  # the trainer reads the .bmp
+    only_gifs = str(tmp_path / "gifs")
+    os.makedirs(only_gifs)
+    open(os.path.join(only_gifs, "x.gif"), "wb").close()
+    with pytest.raises(PrepareError) as e:
+        run(settings(only_gifs, str(tmp_path / "out2")))
+    assert str(e.value) == f"no images (.png, .jpg, .jpeg, .webp, .bmp) under {only_gifs}; skipped 1 other file(s): .gif 1"
+
+
+def test_no_image_left_is_one_error(tmp_path):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    os.makedirs(inp)
+    for name in ("a.png", "b.jpg"):
+        with open(os.path.join(inp, name), "wb") as f:
+            f.write(b"not an image")
+    messages = []
+    with pytest.raises(PrepareError) as e:
+        run_prepare(settings(inp, out), log=messages.append, progress=Quiet, clip=ColourClip())
+    assert str(e.value) == (f"no image is left in the dataset: all 2 were dropped (the counts above; "
+                            f"{os.path.join(out, 'review', 'index.html')} shows why each one was)")
+    assert not any("warning" in m or "trainer:" in m for m in messages)
+    assert os.path.isfile(os.path.join(out, "review", "index.html"))  # what the sentence points to
+
+
+def test_the_trainer_advice_is_what_the_trainer_accepts(tmp_path):
+    import tomllib
+
+    from vmix_lib.prepare.run import trainer_settings
+    from vmix_lib.train.config import resolve_config, settings_from_mapping
+
+    base = ["--checkpoint", "m.safetensors", "--output-dir", "o"]
+    s = settings_from_args([str(tmp_path / "in"), str(tmp_path / "my data"), "--dimensions", "focus,color"])
+    flags, toml = trainer_settings(s)
+    assert flags == ["--dataset-dir", str(tmp_path / "my data"), "--dimensions", "focus,color"]
+    cfg, _ = resolve_config(base + flags)
+    assert [d.name for d in cfg.dimensions] == ["focus", "color"] and cfg.dataset_dir == str(tmp_path / "my data")
+    values, dims = settings_from_mapping(tomllib.loads(toml), "hint", None)
+    assert values == {"dataset_dir": str(tmp_path / "my data")} and [d.name for d in dims] == ["focus", "color"]
+    s = settings_from_args([str(tmp_path / "in"), "C:\\data\\out", "--probe", "warmth=a warm photo|a cold photo"])
+    flags, toml = trainer_settings(s)  # a new dimension: only a config file can define it
+    assert flags is None
+    values, dims = settings_from_mapping(tomllib.loads(toml), "hint", None)
+    assert values["dataset_dir"].endswith("C:\\data\\out") and [d.name for d in dims] == s.dimension_names
+
+
 def test_images_without_captions_are_listed_and_left_out(tmp_path):
     inp, out = str(tmp_path / "in"), str(tmp_path / "out")
     caption(hsv_image(os.path.join(inp, "with.png"), 0.1, 0.5, 0.5), "has one")
@@ -559,6 +710,7 @@ def test_review_pages_sample_evenly_when_there_are_more_images_than_the_limit(tm
     (["--min-aesthetic", "5"], "need the predictor"),
     (["--near-duplicates", "1.5"], "cosine between 0 and 1"),
     (["--top-aesthetic", "0", "--aesthetic-predictor", "x.pth"], "fraction of images to keep"),
+    (["--threads", "-1"], "--threads must be at least 0"),
 ])
 def test_bad_settings_are_one_sentence(argv, message):
     with pytest.raises(PrepareError, match=message) as e:

@@ -4,6 +4,7 @@ bad model files refused in one sentence."""
 import json
 import os
 import random
+import shlex
 
 import pytest
 import torch
@@ -75,9 +76,13 @@ def test_command_on_a_mixed_folder_and_the_trainers_dry_run(tmp_path, models, ca
     assert {d["source"] for d in report["dropped"]["no_caption"]} == {"album/nocaption.webp", "nocaption2.png"}
     assert [d["source"] for d in report["dropped"]["duplicate"]] == ["album/good0_again.png"]
 
+    hint = next(line for line in printed.splitlines() if line.startswith("  trainer: "))
+    assert hint == (f"  trainer: python -m vmix_lib.train --config YOUR.toml --dataset-dir {out} --dimensions {','.join(SIX)} "
+                    f"(or in the config file: dataset_dir = \"{out}\"; dimensions = [{', '.join(json.dumps(d) for d in SIX)}])")
+    advice = shlex.split(hint.split("YOUR.toml ")[1].split(" (or in")[0])  # the trainer takes its advice as it is
     checkpoint, config_dir, tokenizer_dir = write_tiny_model(str(tmp_path / "tiny"), "sd15")
     code = train_main(["--checkpoint", checkpoint, "--model-config-dir", config_dir, "--tokenizer-dir", tokenizer_dir,
-                       "--dataset-dir", out, "--output-dir", str(tmp_path / "run"), "--resolution", "32", "--dry-run"])
+                       *advice, "--output-dir", str(tmp_path / "run"), "--resolution", "32", "--dry-run"])
     printed = capsys.readouterr()
     assert code == 0, printed.err
     assert "data: 7 images" in printed.out and "Dry run" in printed.out
@@ -89,6 +94,37 @@ def test_command_on_a_mixed_folder_and_the_trainers_dry_run(tmp_path, models, ca
     meta = read_metadata(out)
     assert meta["album__nocaption.webp"]["text"] == "a photo" and len(meta) == 9
     assert scan_dataset(out, SIX).problems == []
+
+
+def test_command_with_no_image_left_says_so_once_and_exits_2(tmp_path, models, capsys):
+    inp, out = str(tmp_path / "in"), str(tmp_path / "out")
+    os.makedirs(inp)
+    open(os.path.join(inp, "broken.png"), "wb").write(b"not an image")
+    assert main([inp, out, "--clip", models["clip"], "--workers", "0"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.endswith(f"\nvmix prepare: error: no image is left in the dataset: all 1 were dropped (the counts above; "
+                                f"{os.path.join(out, 'review', 'index.html')} shows why each one was)\n")
+    assert printed.err.count("error") == 1 and "Traceback" not in printed.err  # the rest of stderr: progress bars
+    assert "warning" not in printed.out and "trainer:" not in printed.out and "unreadable or truncated: 1" in printed.out
+
+
+def test_command_uses_one_cpu_thread_for_tiny_models(tmp_path, models, capsys, monkeypatch):
+    from vmix_lib.scoring.clip import load_clip
+
+    inp = mixed_folder(str(tmp_path / "pictures"))
+    parameters = sum(p.numel() for p in load_clip(models["clip"]).model.parameters())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main([inp, str(tmp_path / "a"), "--clip", models["clip"], "--min-side", "32", "--workers", "0"]) == 0
+        assert (f"CPU threads: 1 (auto: the largest model has {parameters / 1e6:.3g} M parameters, under 10 M, where one "
+                "thread is fastest; --threads N to choose)\n") in capsys.readouterr().out
+        assert torch.get_num_threads() == 1
+        assert main([inp, str(tmp_path / "b"), "--clip", models["clip"], "--min-side", "32", "--workers", "0", "--threads", "2"]) == 0
+        assert "CPU threads: 2 (--threads 2)\n" in capsys.readouterr().out and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_labels_with_the_tiny_clip_match_its_own_zero_shot_probabilities(tmp_path, models):

@@ -6,7 +6,7 @@ import pytest
 
 from vmix_lib.dimensions import DEFAULT_DIMENSIONS
 from vmix_lib.train.__main__ import main
-from vmix_lib.train.config import resolve_config
+from vmix_lib.train.config import FLAG_NAMES, SETTINGS, build_parser, read_config_file, resolve_config, settings_from_mapping
 from vmix_lib.train.errors import TrainError
 
 TOML = """
@@ -91,7 +91,6 @@ def test_json_and_yaml_files(tmp_path):
         ("dimensions = [{name = 'x'}]", r"dimension 1 in .*cfg.toml must be a built-in name or a table with name, positive and negative"),
         ("[train\n", r"config file .*cfg.toml cannot be parsed \("),
         ("[train]\nname = 'a/b'", r"name 'a/b' cannot be used as a file name stem"),
-        ("[data]\nresolution = 500", r"resolution and preview_resolution must be multiples of 8"),
     ],
 )
 def test_bad_settings_get_one_sentence(tmp_path, text, message):
@@ -117,3 +116,39 @@ def test_cli_prints_one_line_and_exit_code_2(tmp_path, capsys):
         main(["--lr", "fast"])
     assert exit_info.value.code == 2
     assert "argument --lr: invalid float value: 'fast'" in capsys.readouterr().err
+
+
+def test_every_config_key_is_a_flag(tmp_path):
+    """The README's promise: every key a config file accepts is also a flag (its name with dashes)."""
+    keys = [s.name for s in SETTINGS] + ["dimensions"]  # the settings, and the one key beside them
+    probe = tmp_path / "all.toml"
+    probe.write_text("dimensions = ['color']\n", encoding="utf-8")
+    assert settings_from_mapping(read_config_file(str(probe)), "all.toml", None)[1][0].name == "color"
+    options = {option for action in build_parser()._actions for option in action.option_strings}
+    assert [key for key in keys if FLAG_NAMES.get(key, "--" + key.replace("_", "-")) not in options] == []
+
+
+def test_dimensions_flag_takes_built_in_names_and_the_files_own(tmp_path, monkeypatch):
+    base = ["--checkpoint", "m.safetensors", "--dataset-dir", "d", "--output-dir", "o"]
+    cfg, _ = resolve_config(base + ["--dimensions", "focus, color"])
+    assert cfg.dimensions == [DEFAULT_DIMENSIONS[3], DEFAULT_DIMENSIONS[0]]
+    cfg, _ = resolve_config(["--config", _config(tmp_path), "--dimensions", "mood"])  # defined in the file
+    assert [(d.name, d.positive, d.negative) for d in cfg.dimensions] == [("mood", "dramatic mood", "qzv")]
+    cfg, _ = resolve_config(["--config", _config(tmp_path), "--dimensions", "texture,mood"])  # a built-in one the file leaves out
+    assert [d.name for d in cfg.dimensions] == ["texture", "mood"]
+    with pytest.raises(TrainError) as e:
+        resolve_config(base + ["--dimensions", "color,warmth"])
+    assert str(e.value) == (
+        "--dimensions names 'warmth', which is neither built in (color, lighting, composition, focus, texture, emotion) "
+        "nor defined in a config file; define it there as a table: dimensions = [{ name = \"warmth\", "
+        "positive = \"<label phrase>\", negative = \"<rare token>\" }]")
+    with pytest.raises(TrainError, match=r"^--dimensions color,color: dimension 'color' appears twice$"):
+        resolve_config(base + ["--dimensions", "color,color"])
+    with pytest.raises(TrainError, match=r"^--dimensions 'color,' must be dimension names separated by commas, e.g. "
+                                         r"--dimensions color,lighting$"):
+        resolve_config(base + ["--dimensions", "color,"])
+
+
+def test_settings_remember_where_they_were_given(tmp_path):
+    cfg, _ = resolve_config(["--config", _config(tmp_path), "--lr", "3e-4"])
+    assert (cfg.origin("lr"), cfg.origin("max_steps"), cfg.origin("batch_size")) == ("--lr", _config(tmp_path), "")

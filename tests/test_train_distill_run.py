@@ -69,7 +69,7 @@ def test_distill_run_writes_every_output_and_records_how_it_was_made(tiny_sd15, 
     assert "cache" not in names  # no images, nothing cached
     assert [s for s, _ in _losses(out)] == ["1", "2", "3", "4"]
     with Image.open(out / "previews" / "t-step000004.png") as grid:
-        assert grid.size == (110 + 2 * 128, 8 * 128 + 34)  # 2 lambdas x (2 prompts + 6 dimensions alone)
+        assert grid.size == (150 + 2 * 128, 8 * 128 + 34)  # 2 lambdas x (2 prompts + 6 dimensions alone)
 
     info = read_adapter_info(str(out / "t.safetensors"), allow_custom_layout=True)
     facts = info.training

@@ -145,3 +145,44 @@ def test_two_processes_equal_one_write_once_and_resume(setup, tmp_path, capsys):
     log = capsys.readouterr().out
     assert "Note: the state was saved by 2 processes, this run has 1. The global micro-batch is the same" in log
     _close(two, one_from_two, atol=2e-5)
+
+
+def test_accelerate_launch_cpu_with_two_processes_trains_on_two(setup, tmp_path):
+    """``accelerate launch --cpu --num_processes 2`` starts one process; the trainer starts the two
+    (torchrun's launcher) instead of failing, which under accelerate launch would end in its traceback."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vmix_lib.train",
+               *_args(setup, tmp_path / "run", "--batch-size", "2", "--max-steps", "1")]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"accelerate launch did not finish in {TIMEOUT} s:\n{output[-3000:]}")
+    assert process.returncode == 0 and "Traceback" not in output, output[-5000:]
+    assert "vmix train: accelerate launch --cpu starts a single process whatever --num_processes says; starting the 2 CPU " \
+           "processes with torchrun's launcher instead" in output
+    assert "runtime: 2 processes on 1 machine (MULTI_CPU, gloo, device cpu)" in output
+    assert [s for s, _ in _losses(tmp_path / "run")] == [1] and os.path.isfile(tmp_path / "run" / "t.safetensors")
+
+
+def test_the_process_count_is_read_from_the_accelerate_command(monkeypatch):
+    from vmix_lib.train.runtime import requested_cpu_processes
+
+    launch = ["/venv/bin/python3", "/venv/bin/accelerate", "launch", "--cpu"]
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert requested_cpu_processes(launch + ["--num_processes", "3", "-m", "vmix_lib.train", "--config", "c.toml"]) == 3
+    assert requested_cpu_processes(launch + ["--num-processes=4", "train_entry.py"]) == 4
+    assert requested_cpu_processes(["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m",
+                                    "vmix_lib.train"]) == 2
+    assert requested_cpu_processes(launch + ["-m", "vmix_lib.train", "--num_processes", "5"]) is None  # the script's own
+    assert requested_cpu_processes(launch + ["--num_processes", "1", "-m", "vmix_lib.train"]) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's processes (and the relaunched ones): nothing to do
+    assert requested_cpu_processes(launch + ["--num_processes", "2", "-m", "vmix_lib.train"]) is None

@@ -55,8 +55,8 @@ def test_full_run_writes_every_output(tiny_sd15, dataset, tmp_path, capsys):
     assert sorted(os.listdir(out / "previews")) == ["t-step000002.png", "t-step000004.png"]
     with Image.open(out / "previews" / "t-step000004.png") as grid:
         # 2 lambdas x (1 prompt + that prompt with each of the 6 dimensions alone), 32 px tiles shown
-        # at 128 px, a 110 px margin for the row labels
-        assert grid.size == (110 + 2 * 128, 7 * 128 + 34)
+        # at 128 px, a 150 px margin for the row labels
+        assert grid.size == (150 + 2 * 128, 7 * 128 + 34)
     assert [s for s, _ in _losses(out)] == [1, 2, 3, 4]
     assert len(os.listdir(out / "cache")) == 4
 
@@ -112,7 +112,18 @@ def test_existing_runs_are_never_overwritten_and_resume_checks(tiny_sd15, datase
 def test_dry_run_checks_and_writes_nothing(tiny_sd15, dataset, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(tiny_sd15, dataset, out, "--dry-run")) == 0
-    assert "Dry run: the config, dataset, checkpoint header, model configs and tokenizers are usable." in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Dry run: the config, dataset, checkpoint header, model configs and tokenizers are usable." in printed
+    # 4 images, 2 labelled color superior, none superior in the other 5 default dimensions: one warning
+    assert printed.count("warning") == 1 and (
+        "  data: 4 images; superior labels: color 2, lighting 0, composition 0, focus 0, texture 0, emotion 0\n"
+        "  warning: under 1 % of the 4 images are labelled superior in lighting (0), composition (0), focus (0), texture (0), "
+        "emotion (0): the adapter learns next to nothing for a dimension without superior examples; label some superior "
+        "(python -m vmix_lib.prepare, or the dataset's .json / metadata.jsonl labels) or train without them: --dimensions color\n"
+    ) in printed
+    assert main(_args(tiny_sd15, dataset, out, "--dry-run", "--dimensions", "color")) == 0  # the advice, taken
+    printed = capsys.readouterr().out
+    assert "  data: 4 images; superior labels: color 2\n" in printed and "warning" not in printed
     assert not out.exists()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"nope")
@@ -218,7 +229,7 @@ def test_bucketed_sdxl_run_conditions_on_the_real_crop(tmp_path, capsys, monkeyp
     assert sorted(tuple(c["latents"].shape) for c in cached) == [(4, 6, 10)] * 2 + [(4, 8, 8)] * 2 + [(4, 10, 6)] * 2
     assert sorted(c["size_crop"].tolist() for c in cached) == [[32, 64, 0, 4]] * 2 + [[40, 40, 0, 0]] * 2 + [[64, 32, 4, 0]] * 2
     with Image.open(out / "previews" / "t-step000003.png") as grid:
-        assert grid.size == (110 + 2 * 128, 8 * 128 + 34)  # at the training resolution: 2 prompts + 6 dimensions alone
+        assert grid.size == (150 + 2 * 128, 8 * 128 + 34)  # at the training resolution: 2 prompts + 6 dimensions alone
 
     seen.clear()
     square = tmp_path / "square"
@@ -233,7 +244,7 @@ def test_bad_bucket_settings_and_lone_cpu_launch(tiny_sd15, dataset, tmp_path, c
     assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--bucket-step", "12", "--dry-run")) == 2
     assert "aspect-ratio buckets: resolution 32 is not a multiple of bucket_step 12" in capsys.readouterr().err
     assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--bucket-step", "4", "--dry-run")) == 2
-    assert "bucket_step 4 must be a multiple of 8 for this model" in capsys.readouterr().err
+    assert capsys.readouterr().err == "vmix train: error: bucket_step 4 (--bucket-step) must be a multiple of 8 for this model, e.g. 8\n"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # what `accelerate launch --cpu --num_processes 2` leaves
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -257,3 +268,67 @@ def test_a_state_of_the_previous_trainer_version_continues_with_a_note(tiny_sd15
     assert "Note: the resume state was written by an earlier version of the trainer" in log
     assert "Note: the data order changed since the saved state: the data continue in epoch 2 at 0% of it" in log
     assert [s for s, _ in _losses(out)] == [1, 2, 3]
+
+
+def test_pixel_sizes_the_model_cannot_use_name_the_setting_the_value_and_where(tiny_sd15, dataset, tmp_path, capsys):
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--resolution", "30", "--dry-run")) == 2
+    assert capsys.readouterr().err == "vmix train: error: resolution 30 (--resolution) must be a multiple of 8 for this model, e.g. 24 or 32\n"
+    config = tmp_path / "c.toml"
+    config.write_text("[preview]\npreview_resolution = 4\n", encoding="utf-8")
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--config", str(config), "--dry-run")) == 2
+    assert capsys.readouterr().err == f"vmix train: error: preview_resolution 4 ({config}) must be a multiple of 8 for this model, e.g. 8\n"
+
+
+def test_cpu_threads_one_for_a_tiny_unet_unless_told(tiny_sd15, dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert main(_args(tiny_sd15, dataset, tmp_path / "a", "--max-steps", "1", "--preview-every", "0")) == 0
+        assert "  CPU threads: 1 (auto: the UNet has 1.11 M parameters, under 10 M, where one thread is fastest; " \
+               "--threads N to choose)\n" in capsys.readouterr().out
+        assert torch.get_num_threads() == 1
+        assert main(_args(tiny_sd15, dataset, tmp_path / "b", "--max-steps", "1", "--preview-every", "0", "--threads", "2")) == 0
+        assert "  CPU threads: 2 (--threads 2)\n" in capsys.readouterr().out and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(_args(tiny_sd15, dataset, tmp_path / "c", "--max-steps", "1", "--preview-every", "0")) == 0
+        assert "  CPU threads: 2 (OMP_NUM_THREADS=2)\n" in capsys.readouterr().out and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_thread_rule_for_a_real_size_model(monkeypatch):
+    from vmix_lib.cpu_threads import choose_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads, line = choose_threads(0, 859_520_964, "UNet")  # SD1.5's UNet: torch's default stays
+    assert threads is None and line == f"CPU threads: {torch.get_num_threads()} (auto: torch's default for the UNet of 860 M parameters; --threads N to choose)"
+    assert choose_threads(0, 9_999_999, "UNet")[0] == 1 and choose_threads(3, 9_999_999, "UNet")[0] == 3
+
+
+def test_preview_rows_name_their_prompt_and_dimensions(tiny_sd15, dataset, tmp_path, monkeypatch):
+    import vmix_lib.train.previews as previews_module
+
+    seen = {}
+    real = previews_module.lambda_sweep
+    monkeypatch.setattr(previews_module, "lambda_sweep", lambda *a, **kw: seen.update(kw) or real(*a, **kw))
+    assert main(_args(tiny_sd15, dataset, tmp_path / "r", "--max-steps", "1", "--preview-every", "1", "--dimensions",
+                      "color,lighting", "--preview-prompt", "a cat", "--preview-prompt", "a dog")) == 0
+    assert seen["row_labels"] == ["a cat\nall dimensions", "a dog\nall dimensions", "a cat\nonly color", "a cat\nonly lighting"]
+    assert seen["title"] == "step 1: one column per lambda; each row: its prompt and the dimensions labelled superior"
+
+
+def test_preview_labels_draw_accented_letters_not_boxes():
+    from vmix_lib.scoring.images import FONT_FILES, _open_font, font_covers
+    from vmix_lib.train.previews import make_grid
+
+    if not any(_open_font(n, 12) and all(font_covers(n, _open_font(n, 12), c) for c in "éüñ") for n in FONT_FILES):
+        pytest.skip("this system has no scalable font with é, ü and ñ")
+    tile = Image.new("RGB", (32, 32), (128, 128, 128))
+
+    def grid(word):
+        return make_grid([[tile]], ["lambda 1"], title=f"a {word} photo", row_labels=[f"a {word} photo\nall dimensions"]).tobytes()
+
+    missing = grid("caf\U0010fffd Z\U0010fffdrich se\U0010fffdor")  # a code point no font has: drawn as a box
+    assert grid("café Zürich señor") != missing
+    assert grid("cafe Zurich senor") != grid("cafe Zurich senor".replace("e", "\U0010fffd"))  # the comparison sees glyphs

@@ -15,10 +15,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .run import run_prepare
         from .settings import settings_from_args
 
-        result = run_prepare(settings_from_args(argv))
-        if not result.names:
-            print("vmix prepare: error: no image is left in the dataset (see the counts above)", file=sys.stderr)
-            return 1
+        run_prepare(settings_from_args(argv))
     except (PrepareError, ScoringError) as e:
         print(f"vmix prepare: error: {e}", file=sys.stderr)
         return 2

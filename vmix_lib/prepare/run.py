@@ -16,11 +16,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cpu_threads import apply_threads
 from ..scoring.aesthetic import load_aesthetic_predictor
 from ..scoring.clip import _short, load_clip
 from ..scoring.device import resolve_device
 from ..scoring.features import FeatureCache, embed_image_files
-from ..scoring.images import read_image
+from ..scoring.images import IMAGE_EXTENSIONS, describe_skipped, read_image
 from ..scoring.probes import antonym_probability, encode_probes
 from .errors import PrepareError
 from .filters import aesthetic_cut, exact_duplicates, near_duplicates
@@ -106,15 +107,27 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     if s.captioner and captioner is None:
         log(f"Loading captioner {s.captioner} ...")
         captioner = load_captioner(s.captioner, device=device, dtype=dtype, allow_download=s.allow_download)
+    models = [getattr(m, "model", None) for m in (clip, classifier, captioner)]
+    parameters = [sum(p.numel() for p in m.parameters()) for m in models if isinstance(m, torch.nn.Module)]
+    if parameters or s.threads:  # the largest model decides (stand-ins without a torch model: only --threads)
+        threads = apply_threads(s.threads, max(parameters, default=0), "largest model", device.type)
+        if threads:
+            log(threads)
     folder.claim()
     cache_dir = os.path.join(folder.work, "cache")
     workers = s.worker_count()
 
     notes: List[str] = []
-    images = scan_input(source_dir, notes)
+    skipped: Dict[str, int] = {}
+    images = scan_input(source_dir, notes, skipped)
+    formats = ", ".join(IMAGE_EXTENSIONS)
     if not images:
-        raise PrepareError(f"no images (.png, .jpg, .jpeg, .webp) under {source_dir}")
+        raise PrepareError(f"no images ({formats}) under {source_dir}"
+                           + (f"; skipped {sum(skipped.values())} other file(s): {describe_skipped(skipped)}" if skipped else ""))
     log(f"vmix prepare: {len(images)} images under {source_dir}")
+    if skipped:
+        notes.insert(0, f"skipped {sum(skipped.values())} file(s) that are not in an image format the trainer reads "
+                        f"({formats}): {describe_skipped(skipped)}; convert them to include them")
     n = len(images)
     status: Dict[int, Tuple[str, str]] = {}  # image index -> (filter id, reason)
 
@@ -134,7 +147,15 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         status[live[d]] = ("duplicate", f"same content as {images[live[k]].rel}")
 
     # -- CLIP image embeddings (cached per file), scores ------------------------------------------
-    live = alive()
+    names = dataset_names([im.rel for im in images])
+    lookup = {}
+    for i, im in enumerate(images):
+        lookup[im.rel] = i
+        lookup[names[im.rel]] = i
+    # An image that 'keep' brings back after a check above (too small, an exact duplicate) needs its
+    # scores too: it is embedded with the others, and stays out of the filters below.
+    kept_back = {lookup[key] for key, action in overrides.actions.items() if action == "keep" and key in lookup}
+    live = sorted(alive() + [i for i in kept_back if i in status and status[i][0] in _SOFT])
     features = FeatureCache(os.path.join(cache_dir, "clip"), clip.identity, shard_size=s.shard_size)
     index_of = {images[i].path: i for i in live}
     embedded = embed_image_files([images[i].path for i in live], features, clip.pixel_values, clip.embed_pixels,
@@ -194,11 +215,6 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
             status[live[d]] = ("aesthetic", f"aesthetic score {float(aesthetic[row_of[live[d]]]):.3f}, {rule}")
 
     # -- overrides: exclude / keep -----------------------------------------------------------------
-    names = dataset_names([im.rel for im in images])
-    lookup = {}
-    for i, im in enumerate(images):
-        lookup[im.rel] = i
-        lookup[names[im.rel]] = i
     override_file = os.path.basename(s.overrides_path)
     for key in sorted(set(overrides.actions) | {f for f, _ in overrides.labels}):
         if key not in lookup:
@@ -210,10 +226,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         if action == "exclude" and i not in status:
             status[i] = ("excluded", f"excluded in {override_file}")
         elif action == "keep" and i in status and status[i][0] in _SOFT:
-            if i not in row_of:  # dropped before it was embedded: it has no scores to label it with
-                notes.append(f"{override_file}: 'keep' for {key} needs scores; it was dropped before scoring ({status[i][1]})")
-                continue
-            del status[i]
+            del status[i]  # every soft-dropped image with a 'keep' was embedded above
 
     # -- captions ----------------------------------------------------------------------------------
     need = [i for i in alive() if not images[i].caption]
@@ -224,28 +237,29 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         todo = [i for i in need if images[i].key not in records]
         if todo:
             bar = progress(total=len(todo), desc="captions", unit="img")
-            for batch in _batched(todo, s.batch_size):
-                pictures = []
-                for i in batch:
+            try:
+                for batch in _batched(todo, s.batch_size):
+                    pictures = []
+                    for i in batch:
+                        try:
+                            pictures.append(read_image(images[i].path))
+                        except Exception:  # it decoded for CLIP a moment ago; treat as uncaptionable
+                            pictures.append(None)
+                    good = [(i, p) for i, p in zip(batch, pictures) if p is not None]
                     try:
-                        pictures.append(read_image(images[i].path))
-                    except Exception:  # it decoded for CLIP a moment ago; treat as uncaptionable
-                        pictures.append(None)
-                good = [(i, p) for i, p in zip(batch, pictures) if p is not None]
-                try:
-                    texts = captioner.caption([p for _, p in good], s.caption_prompt, s.caption_max_tokens) if good else []
-                except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. a checkpoint that needs a chat template
-                    records.flush()
-                    raise PrepareError(
-                        f"the captioner {captioner.source} failed on {images[batch[0]].rel} ({_short(e)}); it may need a prompt "
-                        "(--caption-prompt) or not be an image-captioning model (captions written so far are kept)"
-                    ) from None
-                for (i, _), text in zip(good, texts):
-                    records.put(images[i].key, text.strip())
-                captioned += len(good)
-                bar.update(len(batch))
+                        texts = captioner.caption([p for _, p in good], s.caption_prompt, s.caption_max_tokens) if good else []
+                    except (RuntimeError, ValueError, TypeError, KeyError) as e:  # e.g. a checkpoint that needs a chat template
+                        raise PrepareError(
+                            f"the captioner {captioner.source} failed on {images[batch[0]].rel} ({_short(e)}); it may need a prompt "
+                            "(--caption-prompt) or not be an image-captioning model (captions written so far are kept)"
+                        ) from None
+                    for (i, _), text in zip(good, texts):
+                        records.put(images[i].key, text.strip())
+                    captioned += len(good)
+                    bar.update(len(batch))
+            finally:  # also on an error or Ctrl-C: the captions written so far are kept
+                records.flush()
             bar.close()
-            records.flush()
         for i in need:
             text = (records.get(images[i].key) or "").strip()
             if text:
@@ -305,6 +319,7 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
         "watermark_model": s.watermark_model or None, "watermark_threshold": s.watermark_threshold if classifier is not None else None,
         "captioner": s.captioner or None,
         "counts": {"found": n, "in_dataset": len(kept), **{fid: len(v) for fid, v in dropped.items()}},
+        "skipped_files": skipped,
         "dropped": {fid: [{"source": rel, "reason": reason} for rel, reason in v] for fid, v in dropped.items()},
         "dimensions": {
             p.name: {"rule": s.rule(p.name).describe(), "threshold": thresholds[p.name], "superior": superior[p.name],
@@ -322,18 +337,19 @@ def run_prepare(settings: PrepareSettings, log: Callable[[str], None] = _log_def
     log("  " + ", ".join(f"{title}: {len(dropped[fid])}" for fid, title in FILTERS))
     log(f"  dataset: {len(kept)} images in {out} ({s.link_mode}; {placed} placed, {removed} removed now); "
         f"CLIP embeddings computed now: {embedded.computed} (the rest from the cache)" + (f"; captions written now: {captioned}" if captioned else ""))
-    log("  superior/inferior: " + ", ".join(
-        f"{p.name} {superior[p.name]}/{len(kept) - superior[p.name]} (threshold {'n/a' if thresholds[p.name] is None else format(thresholds[p.name], '.4f')})"
-        for p in s.probes))
+    if kept:
+        log("  superior/inferior: " + ", ".join(
+            f"{p.name} {superior[p.name]}/{len(kept) - superior[p.name]} (threshold {'n/a' if thresholds[p.name] is None else format(thresholds[p.name], '.4f')})"
+            for p in s.probes))
     for note in notes[:20]:
         log(f"  note: {note}")
     if len(notes) > 20:
         log(f"  ... {len(notes) - 20} more notes in {os.path.join(folder.work, 'report.json')}")
     log(f"  review: {review}")
     log(f"  label overrides: {s.overrides_path}" + (" (created empty)" if created_template else "") + "; rerun the same command to apply them")
-    log(f"  trainer: {trainer_hint}")
     if not kept:
-        log("  warning: no image is left in the dataset; the counts above and the review page say why")
+        raise PrepareError(f"no image is left in the dataset: all {n} were dropped (the counts above; {review} shows why each one was)")
+    log(f"  trainer: {trainer_hint}")
     return PrepareResult(out, sorted(wanted), dropped, thresholds, superior, embedded.computed, captioned, review, notes)
 
 
@@ -344,13 +360,27 @@ def _caption_counts(images: Sequence[SourceImage], kept: Sequence[int]) -> Dict[
     return counts
 
 
-def _trainer_hint(s: PrepareSettings) -> str:
+def trainer_settings(s: PrepareSettings) -> Tuple[Optional[List[str]], str]:
+    """What the trainer needs to read this dataset: its flags (None when a dimension is not built in:
+    a new one needs a table in the config file) and the same as config-file lines (TOML)."""
     from ..dimensions import DEFAULT_DIMENSIONS
 
     builtin = {d.name for d in DEFAULT_DIMENSIONS}
-    parts = [f'"{p.name}"' if p.name in builtin else
+    parts = [json.dumps(p.name) if p.name in builtin else
              f'{{ name = "{p.name}", positive = "<label phrase>", negative = "<rare token>" }}' for p in s.probes]
-    return f"set dimensions = [{', '.join(parts)}] in the trainer config and dataset_dir = \"{s.output_dir}\""
+    toml = f"dataset_dir = {json.dumps(s.output_dir, ensure_ascii=False)}\ndimensions = [{', '.join(parts)}]"
+    if all(p.name in builtin for p in s.probes):
+        return ["--dataset-dir", s.output_dir, "--dimensions", ",".join(p.name for p in s.probes)], toml
+    return None, toml
+
+
+def _trainer_hint(s: PrepareSettings) -> str:
+    flags, toml = trainer_settings(s)
+    in_file = "; ".join(toml.splitlines())
+    if flags is None:
+        return f"python -m vmix_lib.train with these lines in its config file: {in_file}"
+    quoted = " ".join(f'"{f}"' if " " in f or not f else f for f in flags)
+    return f"python -m vmix_lib.train --config YOUR.toml {quoted} (or in the config file: {in_file})"
 
 
 def _write_scores(path, images, names, status, row_of, aesthetic, reject, dim_scores, labels, s) -> None:

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..dimensions import NAME_RE
 from ..scoring import ScoringError
 from ..scoring.clip import DEFAULT_CLIP
+from ..scoring.images import IMAGE_EXTENSIONS
 from ..scoring.probes import DEFAULT_PROBES, DimensionProbe, default_probes, parse_probe
 from .errors import PrepareError
 
@@ -58,8 +59,9 @@ class PrepareSettings:
     device: str = "auto"
     batch_size: int = 32
     workers: int = -1  # -1: min(4, cpus - 1)
+    threads: int = 0  # torch CPU threads; 0 = auto (vmix_lib/cpu_threads.py)
     review_limit: int = 400  # thumbnails per column of a review page
-    shard_size: int = 1024  # embeddings per cache shard (what an interruption can lose at most)
+    shard_size: int = 1024  # embeddings per cache shard (also written every minute and on Ctrl-C)
 
     @property
     def dimension_names(self) -> List[str]:
@@ -84,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Rerun the same command to continue an interrupted run, or with new thresholds: "
         "everything already computed is reused.",
     )
-    p.add_argument("input_dir", help="folder of images (searched recursively: png, jpg, jpeg, webp)")
+    p.add_argument("input_dir", help="folder of images (searched recursively: "
+                   + ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS) + "; other files are counted and skipped)")
     p.add_argument("output_dir", help="the dataset folder to write (new or written by this tool before)")
     m = p.add_argument_group("models")
     m.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP folder or hub id (default: %(default)s, the predictor's CLIP)")
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", help="torch device (auto = cuda if available, else cpu)")
     m.add_argument("--batch-size", type=int, default=32)
     m.add_argument("--workers", type=int, default=-1, help="image decoding processes (default: min(4, CPUs - 1))")
+    m.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default 0 = auto: 1 when the models are tiny, under 10 M parameters; "
+                   "else torch's default; OMP_NUM_THREADS, when set, is kept)")
     f = p.add_argument_group("filters")
     f.add_argument("--min-side", type=int, default=256, help="drop images whose short side is smaller (default %(default)s; 0 = off)")
     f.add_argument("--near-duplicates", default="0.95", metavar="COSINE",
@@ -212,7 +218,7 @@ def settings_from_args(argv: Optional[Sequence[str]] = None) -> PrepareSettings:
         raise PrepareError("--watermark-threshold is a probability: above 0 and at most 1")
     if args.watermark_labels and not args.watermark_model:
         raise PrepareError("--watermark-labels needs --watermark-model")
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--min-side", args.min_side, 0),
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--min-side", args.min_side, 0), ("--threads", args.threads, 0),
                              ("--caption-max-tokens", args.caption_max_tokens, 1), ("--review-limit", args.review_limit, 1)):
         if value < low:
             raise PrepareError(f"{flag} must be at least {low}")
@@ -228,5 +234,5 @@ def settings_from_args(argv: Optional[Sequence[str]] = None) -> PrepareSettings:
         watermark_threshold=args.watermark_threshold, captioner=args.captioner, caption_prompt=args.caption_prompt,
         caption_max_tokens=args.caption_max_tokens, default_caption=args.default_caption.strip(),
         link_mode=args.link_mode, overrides=os.path.abspath(args.overrides) if args.overrides else "",
-        device=args.device, batch_size=args.batch_size, workers=args.workers, review_limit=args.review_limit,
+        device=args.device, batch_size=args.batch_size, workers=args.workers, threads=args.threads, review_limit=args.review_limit,
     )

@@ -74,9 +74,10 @@ def _metadata_captions(input_dir: str, folders, notes: List[str]) -> Dict[str, s
     return {rel: text for rel, (_, text) in captions.items()}
 
 
-def scan_input(input_dir: str, notes: List[str]) -> List[SourceImage]:
-    """Every image under ``input_dir`` with its caption (if any), sorted by relative path."""
-    rels = find_images(input_dir)
+def scan_input(input_dir: str, notes: List[str], skipped: Optional[Dict[str, int]] = None) -> List[SourceImage]:
+    """Every image under ``input_dir`` with its caption (if any), sorted by relative path;
+    ``skipped`` receives the count per extension of the other files (see find_images)."""
+    rels = find_images(input_dir, skipped=skipped)
     folders = set()
     for rel in rels:
         parts = rel.split("/")[:-1]
@@ -126,12 +127,14 @@ def read_facts(images: List[SourceImage], records: RecordFile, workers: int, pro
             todo.append(image)
     if todo:
         bar = progress(total=len(todo), desc="hashing images", unit="img")
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and header reads release the GIL
-            for image, facts in zip(todo, pool.map(_facts, [i.path for i in todo], chunksize=16)):
-                records.put(image.key, facts)
-                bar.update(1)
+        try:
+            with ThreadPoolExecutor(max(1, workers)) as pool:  # hashing and header reads release the GIL
+                for image, facts in zip(todo, pool.map(_facts, [i.path for i in todo], chunksize=16)):
+                    records.put(image.key, facts)
+                    bar.update(1)
+        finally:  # also on Ctrl-C: the files hashed so far are kept
+            records.flush()
         bar.close()
-        records.flush()
     for image in images:
         if image.key is None:
             continue

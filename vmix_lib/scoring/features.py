@@ -7,15 +7,19 @@
 
 A file is identified by its absolute path, size and modification time, so an edited or replaced image
 is encoded again; a cache folder per model identity keeps features of other weights apart.  Shards
-are written atomically every ``shard_size`` new features: an interrupted run loses at most one shard's
-work and a rerun encodes only what is missing.  Pixels never accumulate: each batch is decoded,
-encoded and dropped.
+are written atomically every ``shard_size`` new features or ``flush_seconds`` after the last one,
+whichever comes first, and when the encoding loop is left for any reason (Ctrl-C included): an
+interruption keeps every finished feature, a killed process loses at most a minute of work, and a
+rerun encodes only what is missing.  A file that cannot be decoded (truncated, corrupt) is recorded
+in ``failures.jsonl`` under the same identity, so a rerun reports it again without decoding it
+again.  Pixels never accumulate: each batch is decoded, encoded and dropped.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -25,21 +29,56 @@ from .errors import ScoringError
 from .images import file_key, read_image
 
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.safetensors$")
+FAILURES = "failures.jsonl"
+_clock = time.monotonic  # tests replace it
 
 
 class FeatureCache:
-    def __init__(self, folder: str, identity: str, shard_size: int = 1024):
+    def __init__(self, folder: str, identity: str, shard_size: int = 1024, flush_seconds: float = 60.0):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", identity):
             raise ValueError(f"cache identity {identity!r} must be a plain file name")
         self.folder = os.path.join(folder, identity)
         self.shard_size = shard_size
+        self.flush_seconds = flush_seconds
         self._where: Dict[str, Tuple[str, int]] = {}  # key -> (shard file, row)
         self._loaded: Dict[str, torch.Tensor] = {}
         self._pending_keys: List[str] = []
         self._pending: List[torch.Tensor] = []
         self._next = 0
+        self._flushed_at = _clock()
+        self._failed: Dict[str, str] = {}  # key -> why the file cannot be decoded
         if os.path.isdir(self.folder):
             self._scan()
+            self._read_failures()
+
+    def _read_failures(self) -> None:
+        path = os.path.join(self.folder, FAILURES)
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    self._failed[str(entry["key"])] = str(entry["reason"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut short by an interruption
+
+    def failure(self, key: str) -> Optional[str]:
+        """Why the file of ``key`` could not be decoded before (None: no failure recorded)."""
+        return self._failed.get(key)
+
+    def add_failure(self, key: str, reason: str) -> None:
+        """Record that the file of ``key`` cannot be decoded (written at once: failures are few)."""
+        self._failed[key] = reason
+        os.makedirs(self.folder, exist_ok=True)
+        path = os.path.join(self.folder, FAILURES)
+        with open(path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line cut short by an interruption: start a new one
+                    f.write(b"\n")
+            f.write((json.dumps({"key": key, "reason": reason}, ensure_ascii=False) + "\n").encode("utf-8"))
 
     def _scan(self) -> None:
         from safetensors import safe_open
@@ -71,10 +110,11 @@ class FeatureCache:
         for key, row in zip(keys, embeds.detach().float().cpu()):
             self._pending_keys.append(key)
             self._pending.append(row)
-        if len(self._pending_keys) >= self.shard_size:
+        if len(self._pending_keys) >= self.shard_size or _clock() - self._flushed_at >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
+        self._flushed_at = _clock()
         if not self._pending_keys:
             return
         from safetensors.torch import save_file
@@ -104,7 +144,8 @@ class FeatureCache:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decodes and preprocesses one file per item; a failure is returned, not raised."""
+    """Decodes and preprocesses one file per item; a failure is returned, not raised, with whether it
+    belongs to the file's content (cached) or to its access (permissions, a file moved: not cached)."""
 
     def __init__(self, paths: Sequence[str], preprocess: Callable):
         self.paths, self.preprocess = list(paths), preprocess
@@ -114,9 +155,10 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.preprocess([read_image(self.paths[i])])[0], None
+            return i, self.preprocess([read_image(self.paths[i])])[0], None, False
         except Exception as e:  # PIL raises many kinds; the message is what the user needs
-            return i, None, (str(e) or type(e).__name__).splitlines()[0]
+            access = isinstance(e, OSError) and e.errno is not None  # PIL's decode errors carry no errno
+            return i, None, (str(e) or type(e).__name__).splitlines()[0], not access
 
 
 def _collate(items):
@@ -156,7 +198,11 @@ def embed_image_files(
         except OSError as e:
             keys.append(None)
             failures[i] = e.strerror or str(e)
-    todo = [i for i, k in enumerate(keys) if k is not None and (cache is None or k not in cache)]
+    if cache is not None:  # files that failed to decode before, with the same identity
+        for i, k in enumerate(keys):
+            if k is not None and cache.failure(k) is not None:
+                failures[i] = cache.failure(k)
+    todo = [i for i, k in enumerate(keys) if k is not None and i not in failures and (cache is None or k not in cache)]
     fresh: Dict[int, torch.Tensor] = {}
     computed = 0
     if todo:
@@ -165,22 +211,26 @@ def embed_image_files(
             collate_fn=_collate, pin_memory=torch.cuda.is_available(), persistent_workers=False,
         )
         bar = progress(total=len(todo), desc=desc, unit="img")
-        for batch in loader:
-            ok = [(todo[j], pixels) for j, pixels, error in batch if error is None]
-            for j, _, error in batch:
-                if error is not None:
-                    failures[todo[j]] = error
-            if ok:
-                computed += len(ok)
-                out = embed(torch.stack([p for _, p in ok])).float().cpu()
-                if cache is not None:
-                    cache.add([keys[i] for i, _ in ok], out)
-                else:
-                    fresh.update({i: row for (i, _), row in zip(ok, out)})
-            bar.update(len(batch))
+        try:
+            for batch in loader:
+                ok = [(todo[j], pixels) for j, pixels, error, _ in batch if error is None]
+                for j, _, error, lasting in batch:
+                    if error is not None:
+                        failures[todo[j]] = error
+                        if cache is not None and lasting:
+                            cache.add_failure(keys[todo[j]], error)
+                if ok:
+                    computed += len(ok)
+                    out = embed(torch.stack([p for _, p in ok])).float().cpu()
+                    if cache is not None:
+                        cache.add([keys[i] for i, _ in ok], out)
+                    else:
+                        fresh.update({i: row for (i, _), row in zip(ok, out)})
+                bar.update(len(batch))
+        finally:  # also on Ctrl-C: every feature computed so far is kept
+            if cache is not None:
+                cache.flush()
         bar.close()
-        if cache is not None:
-            cache.flush()
     good = [i for i in range(len(paths)) if i not in failures]
     if cache is not None:
         embeds = cache.get([keys[i] for i in good])

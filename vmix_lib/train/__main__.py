@@ -17,8 +17,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         from .config import resolve_config
         from .run import run_training
+        from .runtime import relaunch_cpu_processes, requested_cpu_processes
 
         cfg, args = resolve_config(argv)
+        processes = requested_cpu_processes()  # accelerate launch --cpu --num_processes N started this one process
+        if processes:
+            return relaunch_cpu_processes(processes, sys.argv[1:] if argv is None else argv)
         run_training(cfg, dry_run=args.dry_run)
     except TrainError as e:
         print(f"vmix train: error: {e}", file=sys.stderr)

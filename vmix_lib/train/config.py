@@ -3,8 +3,10 @@
 Precedence: built-in defaults < config file < command-line flags.  In a file, settings may sit at the
 top level or in their section ([model], [data], [train], [lora], [preview]); relative paths in a file
 are relative to that file's folder, relative paths in flags to the current folder.  Every flag is
-the setting's name with dashes (``lora_rank`` -> ``--lora-rank``).  A value of 0 for ``lr`` and
-``resolution`` means the family default (1e-4 / 512 for SD1.5, 1e-5 / 1024 for SDXL, paper §3).
+the setting's name with dashes (``lora_rank`` -> ``--lora-rank``), ``dimensions`` included
+(``--dimensions color,lighting``: built-in names, or names the config file defines).  A value of 0
+for ``lr`` and ``resolution`` means the family default (1e-4 / 512 for SD1.5, 1e-5 / 1024 for SDXL,
+paper §3).
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ SETTINGS: Tuple[Setting, ...] = (
     Setting("seed", "train", "int", 0, "seed for data order, noise, timesteps and dropout"),
     Setting("device", "train", "str", "auto", "auto = cuda if available, else cpu; several processes: each its LOCAL_RANK's GPU "
             "(cpu: torchrun processes train together over gloo)"),
+    Setting("threads", "train", "int", 0, "torch CPU threads per process (0 = auto: 1 for a UNet under 10 M parameters, a test "
+            "or smoke-run model, else torch's default; OMP_NUM_THREADS, when set, is kept)", minimum=0),
     Setting("ddp_timeout", "train", "int", 60, "minutes a process waits for the others (latent caching, saving) before giving up",
             minimum=1),
     Setting("save_every", "train", "int", 500, "save adapter (+LoRA, +resume state) every N steps (0 = only at the end)", minimum=0),
@@ -126,12 +130,19 @@ FLAG_NAMES = {"preview_prompts": "--preview-prompt", "phrases": "--phrase"}  # r
 
 
 class TrainConfig:
-    """Resolved settings (attribute access) plus the aesthetic dimensions."""
+    """Resolved settings (attribute access) plus the aesthetic dimensions; ``origins`` says where a
+    setting was given (a flag or the config file), for messages."""
 
-    def __init__(self, values: Dict[str, Any], dimensions: Sequence[AestheticDimension], source: Optional[str] = None):
+    def __init__(self, values: Dict[str, Any], dimensions: Sequence[AestheticDimension], source: Optional[str] = None,
+                 origins: Optional[Dict[str, str]] = None):
         self.values = dict(values)
         self.dimensions = list(dimensions)
         self.source = source
+        self.origins = dict(origins or {})
+
+    def origin(self, name: str) -> str:
+        """Where a setting was given: its flag, the config file, or '' (the default)."""
+        return self.origins.get(name, "")
 
     def __getattr__(self, name: str):
         values = self.__dict__.get("values", {})
@@ -277,6 +288,37 @@ def _parse_dimensions(raw: Any, where: str) -> List[AestheticDimension]:
     return dims
 
 
+def _dimensions_flag(text: str, file_dims: Optional[List[AestheticDimension]], where: str) -> List[AestheticDimension]:
+    """``--dimensions a,b``: built-in names, or names the config file defines (a new dimension needs
+    its positive phrase and rare token, which only a table in the file can give)."""
+    names = [n.strip() for n in text.split(",")]
+    if not text.strip() or not all(names):
+        raise TrainError(f"--dimensions {text!r} must be dimension names separated by commas, e.g. --dimensions color,lighting")
+    known = {d.name: d for d in DEFAULT_DIMENSIONS}
+    known.update({d.name: d for d in file_dims or []})
+    dims = []
+    for name in names:
+        if name not in known:
+            raise TrainError(
+                f"--dimensions names {name!r}, which is neither built in ({', '.join(d.name for d in DEFAULT_DIMENSIONS)}) "
+                f"nor defined in {where}; define it there as a table: dimensions = [{{ name = \"{name}\", "
+                "positive = \"<label phrase>\", negative = \"<rare token>\" }]"
+            )
+        dims.append(known[name])
+    problem = check_dimensions(dims)
+    if problem:
+        raise TrainError(f"--dimensions {text}: {problem}")
+    return dims
+
+
+def not_a_multiple(name: str, value: int, multiple: int, where: str = "") -> str:
+    """'resolution 30 (--resolution) must be a multiple of 64 for this model, e.g. 64': the sentence
+    for a pixel size the model cannot use, with the nearest sizes it can."""
+    below, above = value // multiple * multiple, (value // multiple + 1) * multiple
+    nearest = f"{below} or {above}" if below > 0 else f"{above}"
+    return f"{name} {value}{f' ({where})' if where else ''} must be a multiple of {multiple} for this model, e.g. {nearest}"
+
+
 def settings_from_mapping(data: Dict[str, Any], where: str, base_dir: Optional[str]) -> Tuple[Dict[str, Any], Optional[List[AestheticDimension]]]:
     """Validated {setting: value} and dimensions (None if absent) from a config mapping."""
     values: Dict[str, Any] = {}
@@ -321,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="config file (.toml, .json, .yaml)")
     parser.add_argument("--dry-run", action="store_true", help="check the config, dataset and checkpoint, then stop")
+    parser.add_argument("--dimensions", metavar="A,B,...",
+                        help="the aesthetic dimensions to train, in order: built-in names (" + ", ".join(d.name for d in DEFAULT_DIMENSIONS)
+                        + ") or names the config file's dimensions define (default: the file's, else all built-in ones)")
     groups = {s: parser.add_argument_group(s) for s in SECTIONS}
     for s in SETTINGS:
         flag = _flag(s)
@@ -350,15 +395,21 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, a
     values = {s.name: (type(s.default)(s.default) if isinstance(s.default, (list, dict)) else s.default) for s in SETTINGS}
     dims: List[AestheticDimension] = list(DEFAULT_DIMENSIONS)
     source = None
+    origins: Dict[str, str] = {}
+    file_dims = None
     if args.config:
         source = os.path.abspath(args.config)
         file_values, file_dims = settings_from_mapping(read_config_file(source), args.config, os.path.dirname(source))
         values.update(file_values)
+        origins.update({name: args.config for name in file_values})
         dims = file_dims or dims
+    if args.dimensions is not None:
+        dims = _dimensions_flag(args.dimensions, file_dims, args.config or "a config file")
     for s in SETTINGS:
         flag_value = getattr(args, s.name)
         if flag_value is not None:
             values[s.name] = _coerce(s, flag_value, _flag(s), os.getcwd() if s.kind == "path" else None)
+            origins[s.name] = _flag(s)
     for s in SETTINGS:
         if s.required and not values[s.name]:
             raise TrainError(f"no {s.name} given; set {s.name} in the config file or pass {_flag(s)}")
@@ -370,6 +421,5 @@ def resolve_config(argv: Optional[Sequence[str]] = None) -> Tuple[TrainConfig, a
     name = values["name"]
     if not name or any(c in name for c in '/\\:*?"<>|') or name.startswith("."):
         raise TrainError(f"name {name!r} cannot be used as a file name stem")
-    if values["resolution"] % 8 or values["preview_resolution"] % 8:
-        raise TrainError("resolution and preview_resolution must be multiples of 8 (the VAE downsamples by 8)")
-    return TrainConfig(values, dims, source), args
+    # resolution and preview_resolution: their multiple depends on the model, checked once it is known (run.py)
+    return TrainConfig(values, dims, source, origins), args

@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..scoring.images import IMAGE_EXTENSIONS  # the formats vmix_lib.prepare reads too: one list
 from .errors import TrainError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"
 LABEL_VALUES = {"superior": 1.0, "inferior": 0.0}
 _EXIF_ORIENTATION = 0x0112

@@ -73,8 +73,11 @@ def plot_loss(log_path: str, png_path: str, title: str = "VMix training loss") -
 def _plot_with_pil(steps, losses, png_path, title, size=(800, 450)) -> str:
     from PIL import Image, ImageDraw
 
+    from ..scoring.images import label_font
+
     img = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(img)
+    draw.font = label_font(12, title)  # the one font of the pictures the tools draw
     left, top, right, bottom = 60, 30, size[0] - 20, size[1] - 40
     draw.rectangle((left, top, right, bottom), outline=(0, 0, 0))
     draw.text((left, 8), title, fill=(0, 0, 0))

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from .buckets import BatchPlan, BucketSettings, assign_buckets, bucket_summary, fit_to_bucket
+from .config import not_a_multiple
 from .dataset import DatasetError, DatasetItem, load_dataset, load_image
 from .errors import TrainError
 from .latents import LatentCache, cache_identity, image_latent_shape
@@ -48,6 +49,9 @@ class RunContext:
     encoder: Optional[Callable] = None  # picture size -> (texts -> (context, added)) for size×size pictures
 
 
+RARE_LABELS = 0.01  # a dimension with superior labels on fewer than this share of the images gets a warning
+
+
 class DataObjective(DiffusionObjective):
     """Images with captions and aesthetic labels, trained with the diffusion loss (paper §3.4).
 
@@ -72,7 +76,7 @@ class DataObjective(DiffusionObjective):
         if problem:
             raise TrainError(f"aspect-ratio buckets: {problem}")
         if self.settings.step % size_multiple:
-            raise TrainError(f"bucket_step {self.settings.step} must be a multiple of {size_multiple} for this model")
+            raise TrainError(not_a_multiple("bucket_step", self.settings.step, size_multiple, cfg.origin("bucket_step")))
         self.dim_names = [d.name for d in cfg.dimensions]
         self._set_items(load_dataset(cfg.dataset_dir, self.dim_names, cfg.skip_bad, log))
         self.position = 0
@@ -93,6 +97,17 @@ class DataObjective(DiffusionObjective):
         s = self.settings.resolved()
         counts = ", ".join(f"{d} {c}" for d, c in self.label_counts.items())
         lines = [f"  data: {len(self.items)} images; superior labels: {counts}"]
+        rare = [(d, c) for d, c in self.label_counts.items() if c < RARE_LABELS * len(self.items)]
+        if rare:
+            named = ", ".join(f"{d} ({c})" for d, c in rare)
+            rest = [d for d in self.dim_names if d not in dict(rare)]
+            it = "it" if len(rare) == 1 else "them"
+            lines.append(
+                f"  warning: under {RARE_LABELS * 100:g} % of the {len(self.items)} images are labelled superior in {named}: "
+                "the adapter learns next to nothing for a dimension without superior examples; label some superior "
+                "(python -m vmix_lib.prepare, or the dataset's .json / metadata.jsonl labels)"
+                + (f" or train without {it}: --dimensions {','.join(rest)}" if rest else "")
+            )
         if s.enabled:
             used = len(set(self.assigned))
             lines.append(f"  aspect-ratio buckets: {len(self.bucket_list)} of about {s.resolution}x{s.resolution} px "

@@ -69,28 +69,62 @@ def _to_pil(image: torch.Tensor):
     return Image.fromarray(array)
 
 
+def _fit(draw, text: str, font, width: float) -> str:
+    """``text``, cut with '…' to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text.rstrip() + "…"
+
+
+def _wrap(draw, text: str, font, width: float, lines: int) -> List[str]:
+    """``text`` in at most ``lines`` lines of ``width`` pixels, broken between words; the last is cut with '…'."""
+    out: List[str] = []
+    words = text.split()
+    while words and len(out) < lines:
+        line = words.pop(0)
+        while words and draw.textlength(line + " " + words[0], font=font) <= width:
+            line += " " + words.pop(0)
+        out.append(line)
+    if words:
+        out[-1] = out[-1] + " " + " ".join(words)
+    return [_fit(draw, line, font, width) for line in out]
+
+
+ROW_LABEL_WIDTH = 150  # pixels of the left margin that holds the row labels
+
+
 def make_grid(rows: List[List], col_labels: Sequence[str], title: str = "", min_tile: int = 128,
               row_labels: Optional[Sequence[str]] = None):
     """Paste PIL tiles into one image: a title line, a line of column labels, then the rows
-    (each with its label in a left margin when ``row_labels`` are given).
+    (each with its label in a left margin when ``row_labels`` are given; a label's lines are
+    separated by '\n', each wrapped to two lines at most and cut with '…' beyond).
 
-    Tiles smaller than ``min_tile`` are enlarged (nearest neighbour) so that small previews stay legible.
+    Tiles smaller than ``min_tile`` are enlarged (nearest neighbour) so that small previews stay
+    legible.  All text is drawn in one font that has glyphs for it (scoring.images.label_font).
     """
     from PIL import Image, ImageDraw
+
+    from ..scoring.images import label_font
 
     tile_w, tile_h = rows[0][0].size
     zoom = max(1, -(-min_tile // max(tile_w, 1)))
     tile_w, tile_h = tile_w * zoom, tile_h * zoom
     header = 34
-    margin = 110 if row_labels else 0
+    margin = ROW_LABEL_WIDTH if row_labels else 0
     grid = Image.new("RGB", (margin + tile_w * len(rows[0]), tile_h * len(rows) + header), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    draw.text((4, 3), title, fill=(60, 60, 60))
+    font = label_font(12, title + "".join(col_labels) + "".join(row_labels or []))
+    draw.text((4, 3), _fit(draw, title, font, grid.width - 8), fill=(60, 60, 60), font=font)
     for c, label in enumerate(col_labels):
-        draw.text((margin + c * tile_w + 4, 19), label, fill=(0, 0, 0))
+        draw.text((margin + c * tile_w + 4, 19), _fit(draw, label, font, tile_w - 8), fill=(0, 0, 0), font=font)
+    line_height = font.size + 3 if hasattr(font, "size") else 13
     for r, row in enumerate(rows):
         if row_labels:
-            draw.text((4, header + r * tile_h + 4), row_labels[r][:17], fill=(0, 0, 0))
+            lines = [line for part in row_labels[r].split("\n") for line in _wrap(draw, part, font, margin - 8, 2)]
+            for k, line in enumerate(lines[: max(1, (tile_h - 8) // line_height)]):
+                draw.text((4, header + r * tile_h + 4 + k * line_height), line, fill=(0, 0, 0), font=font)
         for c, tile in enumerate(row):
             if zoom > 1:
                 tile = tile.resize((tile_w, tile_h), Image.NEAREST)
@@ -179,15 +213,14 @@ def preview_maker(cfg, parts, decode: DecodeFn, trainer, objective, folder: str)
     labels = torch.ones(len(rows), len(dims))
     if cfg.preview_dimensions:
         labels[len(prompts):] = torch.eye(len(dims))
-    row_labels = ["all"] * len(prompts) + (["only " + d for d in dims] if cfg.preview_dimensions else [])
+    row_labels = [p + "\nall dimensions" for p in prompts] + ([f"{prompts[0]}\nonly {d}" for d in dims] if cfg.preview_dimensions else [])
 
     def make(step: int) -> str:
         os.makedirs(folder, exist_ok=True)
         grid = lambda_sweep(
             trainer.mixer, forward, encode, decode, rows, cfg.preview_lambdas, shape, parts.alphas_cumprod,
             cfg.preview_steps, cfg.preview_cfg, parts.prediction, cfg.preview_seed, autocast=trainer.autocast,
-            title=f"step {step}: lambda sweep; rows: all dimensions superior"
-                  + (f", then '{prompts[0][:40]}' with one dimension at a time" if cfg.preview_dimensions else ""),
+            title=f"step {step}: one column per lambda; each row: its prompt and the dimensions labelled superior",
             labels=labels, row_labels=row_labels,
         )
         path = os.path.join(folder, f"{cfg.name}-step{step:06d}.png")

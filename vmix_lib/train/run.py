@@ -21,6 +21,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
+from ..cpu_threads import apply_threads
 from ..layers import FAMILY_TITLES, detect_family, find_cross_attention_layers
 from .checkpoint_loading import BaseModel, inspect_checkpoint, load_base_model, model_configs
 from .config import TrainConfig
@@ -122,6 +123,9 @@ def run_training(cfg: TrainConfig, dry_run: bool = False, log: Callable[[str], N
         cfg.checkpoint, family, cfg.model_config_dir or None, cfg.vae or None, cfg.tokenizer_dir or None,
         dtype=weight_dtype, vae_dtype=torch.float32,
     )
+    threads = apply_threads(getattr(cfg, "threads", 0), sum(p.numel() for p in base.unet.parameters()), "UNet", device.type)
+    if threads:
+        main_log(f"  {threads}")
     layers = find_cross_attention_layers(base.unet)
     report = detect_family(layers)
     if report.family != family:

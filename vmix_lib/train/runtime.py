@@ -13,7 +13,10 @@ One process per device.  The same command trains on one device or many; only the
 On a machine without CUDA the trainer asks accelerate for the CPU (``Accelerator(cpu=True)``), which
 is what makes torchrun's processes join one gloo group; without it each process would train alone
 (reference: training-and-evaluation.md §4).  ``accelerate launch --cpu`` starts a single process
-whatever ``--num_processes`` says, so the trainer stops with the torchrun command instead.
+whatever ``--num_processes`` says, so that process starts the N processes itself with torchrun's
+launcher (``relaunch_cpu_processes``); where the launcher's command line cannot be read (it is read
+from /proc, i.e. on Linux) the trainer stops with the torchrun command instead.  (A clean refusal is
+not possible there: accelerate launch turns any failure of the script into its own traceback.)
 
 Also here: how a global micro-batch is split over the processes (``split_for_process``) and the
 per-sample random draws (``sample_generator``) that make a run's result independent of how many
@@ -47,12 +50,70 @@ def launched_processes() -> int:
 
 
 def check_launch() -> None:
-    """Refuse the launch that silently gives one process: ``accelerate launch --cpu --num_processes N``."""
-    if _flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR") and "WORLD_SIZE" not in os.environ:
+    """Refuse the launch that silently gives one process: ``accelerate launch --cpu --num_processes N``
+    (where ``relaunch_cpu_processes`` could not take over)."""
+    if _lone_accelerate_cpu_launch():
         raise TrainError(
             "accelerate launch --cpu starts a single process whatever --num_processes says; for several CPU processes "
             "run: torchrun --standalone --nproc_per_node N -m vmix_lib.train ... --device cpu"
         )
+
+
+def _lone_accelerate_cpu_launch() -> bool:
+    """This process was started by ``accelerate launch --cpu`` asked for several processes (it then
+    sets MASTER_ADDR, but starts only this one, without WORLD_SIZE)."""
+    return _flag("ACCELERATE_USE_CPU") and bool(os.environ.get("MASTER_ADDR")) and "WORLD_SIZE" not in os.environ
+
+
+def _num_processes(args: Sequence[str]) -> Optional[int]:
+    """--num_processes / --num-processes of an ``accelerate launch`` command line (before the script's own arguments)."""
+    for i, arg in enumerate(args):
+        if arg == "vmix_lib.train" or arg.endswith(".py"):  # the script: what follows are its own arguments
+            break
+        name, sep, value = arg.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            value = value if sep else (args[i + 1] if i + 1 < len(args) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def requested_cpu_processes(parent_cmdline: Optional[Sequence[str]] = None) -> Optional[int]:
+    """N of the ``accelerate launch --cpu --num_processes N`` that started this lone process, or None
+    (not such a launch, or its command line cannot be read)."""
+    if not _lone_accelerate_cpu_launch():
+        return None
+    if parent_cmdline is None:
+        try:
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                parent_cmdline = f.read().decode("utf-8", "replace").split("\0")
+        except OSError:
+            return None
+    n = _num_processes(list(parent_cmdline))
+    return n if n and n > 1 else None
+
+
+def relaunch_cpu_processes(processes: int, argv: Sequence[str], log=print) -> int:
+    """Start ``processes`` CPU training processes with torchrun's launcher (the documented
+    ``torchrun --standalone --nproc_per_node N -m vmix_lib.train ... --device cpu``) and wait for them;
+    returns their exit status.  A Ctrl-C reaches them too: they save and stop, and this waits."""
+    import subprocess
+    import sys
+
+    args = list(argv)
+    if "--device" not in args and not any(a.startswith("--device=") for a in args):
+        args += ["--device", "cpu"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "vmix_lib.train", *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    log(f"vmix train: accelerate launch --cpu starts a single process whatever --num_processes says; starting the "
+        f"{processes} CPU processes with torchrun's launcher instead (torchrun --standalone --nproc_per_node {processes} "
+        "-m vmix_lib.train ... --device cpu)")
+    process = subprocess.Popen(command, env=env)
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue  # the processes got the same Ctrl-C: they save and stop
 
 
 def resolve_device(name: str) -> torch.device:

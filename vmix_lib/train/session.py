@@ -149,10 +149,12 @@ def fingerprint(cfg, family: str, layer_names: Sequence[str], objective) -> Dict
 
 def check_sizes(cfg, family: str, size_multiple: int) -> int:
     """The run's resolution (family default for 0); raises TrainError naming the setting and value."""
+    from .config import not_a_multiple
+
     resolution = cfg.family_default("resolution", family)
     for label, res in (("resolution", resolution), ("preview_resolution", cfg.preview_resolution or resolution)):
         if res % size_multiple:
-            raise TrainError(f"{label} {res} must be a multiple of {size_multiple} for this model")
+            raise TrainError(not_a_multiple(label, res, size_multiple, cfg.origin(label)))
     return resolution
 
 
