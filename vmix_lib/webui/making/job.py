@@ -267,7 +267,7 @@ def _run(request: MakeRequest, model: WebUIModel, folder: str, status: JobStatus
     with model.opened(request.unload_vae) as opened:
         runtime = SingleProcess(opened.device, opened.precision)
         say(f"distilling {name} from {model.title} ({opened.device}, mixed precision {opened.precision}); "
-            f"training files in {shown(folder)}/{name}{WORK_SUFFIX}")
+            f"training files in {name}{WORK_SUFFIX} in {shown(folder)}")
         started = [None, None]  # (time, step) when the first step ended: the ETA leaves the setup out
 
         def on_step(report: StepReport) -> None:
@@ -313,7 +313,7 @@ def _run(request: MakeRequest, model: WebUIModel, folder: str, status: JobStatus
             save_on_stop=True,
         )
     status.step, status.throughput = result.steps, result.throughput
-    where = f"{shown(folder)}/{name}.safetensors"
+    where = f"{name}.safetensors in {shown(folder)}"
     if result.stopped:
         status.state = "stopped"
         status.message = (f"Interrupted at step {result.steps} of {cfg.max_steps}: saved {where} and its resume state; "
