@@ -418,7 +418,9 @@ def save_state(path: str, state: Dict) -> None:
 
 def load_state(path: str) -> Dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # processes share the pages
+        # torch.serialization.load, not torch.load: AUTOMATIC1111 replaces torch.load with a checker that
+        # refuses files written by newer torch versions; weights_only=True is PyTorch's own safe loader.
+        state = torch.serialization.load(path, map_location="cpu", weights_only=True, mmap=True)  # processes share the pages
     except Exception as e:
         raise TrainError(f"resume state {path} cannot be read ({e})") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
