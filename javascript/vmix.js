@@ -83,13 +83,13 @@
 // The VMix tab (vmix_lib/webui/making/tab.py): Train and Resume start a job the way A1111's own Train
 // tab does (textualInversion.js): a task id for the progress bar, which polls /internal/progress and
 // shows shared.state's text and the newest λ-sweep preview while the job runs.
-function vmix_make_start() {
+function make_vmix_start() {
     var app = gradioApp();
-    var result = app.querySelector("#vmix_make_result");
+    var result = app.querySelector("#make_vmix_result");
     if (result) result.innerHTML = "";
     var id = randomId();
-    requestProgress(id, app.getElementById("vmix_make_progress"), app.getElementById("vmix_make_preview"), function() {}, function(progress) {
-        var text = app.getElementById("vmix_make_progress");
+    requestProgress(id, app.getElementById("make_vmix_progress"), app.getElementById("make_vmix_preview"), function() {}, function(progress) {
+        var text = app.getElementById("make_vmix_progress");
         if (text && progress.textinfo) text.innerHTML = progress.textinfo;
     });
     var args = Array.from(arguments);

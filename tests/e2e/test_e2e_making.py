@@ -123,18 +123,20 @@ def test_10_make_an_adapter_over_the_api(page, made):
 
 def test_11_make_an_adapter_in_the_tab(page, made):
     page.note(f"== VMix tab in the browser ({FAMILY})")
+    if "baseline" not in made:
+        made["baseline"] = pixels(page.api_image(PICTURE)[0])
     buttons = [b for b in page.finds("#tabs > .tab-nav button, #tabs button") if b.text.strip() == "VMix"]
     assert buttons, "no VMix tab"
     buttons[0].click()
-    page.wait(lambda: page.find("#vmix_make_train").is_displayed(), "the VMix tab")
-    titles = {key: page.js("const e = document.getElementById(arguments[0]); return e ? e.title : null;", f"vmix_make_{key}")
+    page.wait(lambda: page.find("#make_vmix_train").is_displayed(), "the VMix tab")
+    titles = {key: page.js("const e = document.getElementById(arguments[0]); return e ? e.title : null;", f"make_vmix_{key}")
               for key in ("name", "dimensions", "steps", "eta", "train", "resume", "interrupt", "unload_vae")}
     page.note(f"  hover hints: {titles}")
     assert all(titles.values()), "a control of the VMix tab has no hover hint"
     page.screenshot(f"vmix-tab-{FAMILY}", "#tab_vmix")
 
     def set_value(key, value):
-        box = page.find(f"#vmix_make_{key} input, #vmix_make_{key} textarea")
+        box = page.find(f"#make_vmix_{key} input, #make_vmix_{key} textarea")
         box.clear()
         box.send_keys(str(value))
         box.send_keys("\t")
@@ -142,28 +144,28 @@ def test_11_make_an_adapter_in_the_tab(page, made):
     set_value("name", TAB_NAME)
     for key in ("steps", "batch_size", "resolution", "xt_steps", "save_every", "preview_every"):
         set_value(key, TRAIN[key])
-    overwrite = page.find("#vmix_make_overwrite input")
+    overwrite = page.find("#make_vmix_overwrite input")
     if not overwrite.is_selected():
         overwrite.click()
-    page.find("#vmix_make_train").click()
-    page.wait(lambda: "VMix: step" in (page.find("#vmix_make_progress").text or ""), "the progress line", 1800)
+    page.find("#make_vmix_train").click()
+    page.wait(lambda: "VMix: step" in (page.find("#make_vmix_progress").text or ""), "the progress line", 1800)
     page.screenshot(f"vmix-tab-{FAMILY}-training", "#tab_vmix")
-    page.find("#vmix_make_interrupt").click()
-    result = page.wait(lambda: (lambda t: t if t.strip() else None)(page.find("#vmix_make_result").text), "the result line", 1800)
+    page.find("#make_vmix_interrupt").click()
+    result = page.wait(lambda: (lambda t: t if t.strip() else None)(page.find("#make_vmix_result").text), "the result line", 1800)
     page.note(f"  after Interrupt: {result.strip()}")
     assert result.strip().startswith("Interrupted at step")
-    page.find("#vmix_make_resume").click()
-    result = page.wait(lambda: (lambda t: t if t.startswith("Finished") else None)(page.find("#vmix_make_result").text.strip()),
+    page.find("#make_vmix_resume").click()
+    result = page.wait(lambda: (lambda t: t if t.startswith("Finished") else None)(page.find("#make_vmix_result").text.strip()),
                        "the resumed run", 3600)
     page.note(f"  after Resume: {result}")
-    page.wait(lambda: page.js("const i = document.querySelector('#vmix_make_preview img'); return i && i.naturalWidth > 0;"),
+    page.wait(lambda: page.js("const i = document.querySelector('#make_vmix_preview img'); return i && i.naturalWidth > 0;"),
               "the λ-sweep preview in the tab")
     page.screenshot(f"vmix-tab-{FAMILY}-finished", "#tab_vmix")
     page.go_tab("txt2img")
     page.set_enabled("txt2img", True)
     choices = page.adapter_choices("txt2img")
     page.note(f"  txt2img panel's adapters, without pressing 🔄: {choices}")
-    assert TAB_NAME in choices and API_NAME in choices
+    assert TAB_NAME in choices
     page.set_enabled("txt2img", False)
     after, _ = page.api_image(PICTURE)
     assert np.array_equal(pixels(after), made["baseline"]), "VMix off after the tab's runs differs from the picture before training"

@@ -47,9 +47,9 @@ def register(app, board: JobBoard = BOARD, start=None, auth: Optional[str] = Non
     from fastapi import Depends, HTTPException, Request
     from fastapi.security import HTTPBasic, HTTPBasicCredentials
 
-    if getattr(app, "_vmix_make_routes", False):
+    if getattr(app, "_make_vmix_routes", False):
         return
-    app._vmix_make_routes = True
+    app._make_vmix_routes = True
     if start is None:
         from .service import start_api_job as start
 

@@ -1,10 +1,10 @@
 """The VMix tab (on_ui_tabs): make an adapter from the loaded checkpoint.  gradio 3.41 (A1111) and 4.40 (Forge).
 
 Wired like A1111's own Train tab: Train/Resume run through ``wrap_gradio_gpu_call`` (queue lock,
-``shared.state``, the task id) with ``_js="vmix_make_start"`` (javascript/vmix.js), which draws the
+``shared.state``, the task id) with ``_js="make_vmix_start"`` (javascript/vmix.js), which draws the
 WebUI's progress bar and live preview (``requestProgress``) while the job runs; the job itself is
-service.ui_job.  Every control has an ``vmix_make_<key>`` id and a hover hint (the hidden carrier in
-``vmix_make_info``, read by javascript/vmix.js as the panel's hints are).
+service.ui_job.  Every control has a ``make_vmix_<key>`` id and a hover hint (the hidden carrier in
+``make_vmix_info``, read by javascript/vmix.js as the panel's hints are).
 """
 from __future__ import annotations
 
@@ -58,18 +58,18 @@ def build(panel_dropdowns=None):
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
             with gr.Column(scale=3):
-                gr.HTML(_hints_html(), elem_id="vmix_make_info")
+                gr.HTML(_hints_html(), elem_id="make_vmix_info")
                 with gr.Row():
                     name = gr.Textbox(label="Adapter name", value="", placeholder="empty = vmix-<checkpoint name>",
-                                      elem_id="vmix_make_name")
-                    overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="vmix_make_overwrite")
+                                      elem_id="make_vmix_name")
+                    overwrite = gr.Checkbox(label="Overwrite", value=False, elem_id="make_vmix_overwrite")
                 table = gr.Dataframe(value=[[r.name, r.phrase, r.contrast] for r in DEFAULT_ROWS],
                                      headers=["dimension", "phrase", "contrast"], datatype=["str", "str", "str"],
                                      row_count=(len(DEFAULT_ROWS), "dynamic"), col_count=(3, "fixed"), type="array",
-                                     interactive=True, label="Dimensions and their phrase pairs", elem_id="vmix_make_dimensions")
-                prompt_source = gr.Radio([BUILTIN, MINE], value=BUILTIN, label="Content prompts", elem_id="vmix_make_prompt_source")
+                                     interactive=True, label="Dimensions and their phrase pairs", elem_id="make_vmix_dimensions")
+                prompt_source = gr.Radio([BUILTIN, MINE], value=BUILTIN, label="Content prompts", elem_id="make_vmix_prompt_source")
                 prompts = gr.Textbox(label="My prompts", lines=4, placeholder="a cat on a windowsill\na lighthouse on a rocky coast",
-                                     elem_id="vmix_make_prompts")
+                                     elem_id="make_vmix_prompts")
                 numbers = {}
                 rows: List[List[str]] = [["steps", "batch_size", "learning_rate", "eta"],
                                          ["resolution", "xt_steps", "seed"], ["save_every", "preview_every"]]
@@ -78,20 +78,20 @@ def build(panel_dropdowns=None):
                         for key in keys:
                             f = next(f for f in FIELDS if f.key == key)
                             numbers[key] = gr.Number(label=f.label, value=f.default, precision=0 if f.kind is int else None,
-                                                     elem_id=f"vmix_make_{key}")
+                                                     elem_id=f"make_vmix_{key}")
                 with gr.Row():
-                    checks = {f.key: gr.Checkbox(label=f.label, value=f.default, elem_id=f"vmix_make_{f.key}")
+                    checks = {f.key: gr.Checkbox(label=f.label, value=f.default, elem_id=f"make_vmix_{f.key}")
                               for f in FIELDS if f.kind is bool}
                 with gr.Row():
-                    train = gr.Button("Train", variant="primary", elem_id="vmix_make_train")
-                    resume = gr.Button("Resume", elem_id="vmix_make_resume")
-                    interrupt = gr.Button("Interrupt", elem_id="vmix_make_interrupt")
+                    train = gr.Button("Train", variant="primary", elem_id="make_vmix_train")
+                    resume = gr.Button("Resume", elem_id="make_vmix_resume")
+                    interrupt = gr.Button("Interrupt", elem_id="make_vmix_interrupt")
             with gr.Column(scale=2):
-                progress = gr.HTML(elem_id="vmix_make_progress")
-                preview = gr.Image(label="λ-sweep preview", interactive=False, type="pil", elem_id="vmix_make_preview")
-                result = gr.HTML(elem_id="vmix_make_result")
+                progress = gr.HTML(elem_id="make_vmix_progress")
+                preview = gr.Image(label="λ-sweep preview", interactive=False, type="pil", elem_id="make_vmix_preview")
+                result = gr.HTML(elem_id="make_vmix_result")
 
-        dummy = gr.Textbox(visible=False, elem_id="vmix_make_task")
+        dummy = gr.Textbox(visible=False, elem_id="make_vmix_task")
         keys = [f.key for f in FIELDS]
         controls = {**numbers, **checks}
         inputs = [dummy, name, overwrite, table, prompt_source, prompts] + [controls[k] for k in keys]
@@ -121,7 +121,7 @@ def build(panel_dropdowns=None):
         outputs = [preview, progress, result]
         for button, resume_run in ((train, False), (resume, True)):
             event = button.click(fn=wrap_gradio_gpu_call(run(resume_run), extra_outputs=[gr.update()] * (len(outputs) - 1)),
-                                 _js="vmix_make_start", inputs=inputs, outputs=outputs)
+                                 _js="make_vmix_start", inputs=inputs, outputs=outputs)
             dropdowns = list(panel_dropdowns() if panel_dropdowns else [])
             if dropdowns:
                 event.then(fn=_refresh_dropdowns(len(dropdowns)), inputs=[], outputs=dropdowns, show_progress=False)
