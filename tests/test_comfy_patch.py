@@ -350,3 +350,24 @@ def test_v_a_is_shared_between_apply_nodes_with_the_same_alphas(model, adapter):
     b = VMixPatch.of(apply_vmix(model, source, settings(2.0, start=0.2)))
     c = VMixPatch.of(apply_vmix(model, source, settings(1.0, alphas=(0.5,))))
     assert a.mixer.values is b.mixer.values and c.mixer.values is not a.mixer.values
+
+
+def test_composes_with_lora_weight_patches(model, adapter):
+    """ComfyUI's LoRA loaders patch the to_v weights in place while their clone samples (and restore
+    them after): VMix adds λ·V_a to whatever to_v computes, so the two add up."""
+    x, c, u = data()
+    layer = unet_of(model).input_blocks[1][1].transformer_blocks[0].attn2
+    original = layer.to_v.weight.clone()
+    seen = []
+    patched = apply_vmix(model, loaded(adapter), settings(1.5)).clone()
+    patched.set_model_attn2_replace(lambda q, k, v, extra: seen.append(v) or attention(q, k, v, TINY_HEADS), "input", 1)
+    torch.manual_seed(3)
+    delta = 0.1 * torch.randn_like(original)
+    with torch.no_grad():
+        layer.to_v.weight.add_(delta)  # what ModelPatcher.patch_model does for a LoRA on this key
+        sample(patched, x, [c, u])
+        layer.to_v.weight.copy_(original)  # unpatch_model
+    f_a = adapter.aesthetic_context(adapter.aesthetic_input(None))
+    expected = torch.nn.functional.linear(torch.cat([c, u]), original + delta) + 1.5 * adapter.aesthetic_values(
+        "input_blocks.1.1.transformer_blocks.0.attn2", f_a)
+    assert torch.allclose(seen[0], expected, atol=1e-5)
