@@ -7,8 +7,9 @@ and the screenshot docs/comfyui-graph.png.
         [--workflow-out examples/comfyui_vmix_sd15.json] [--bypassed-out bypassed.json] [--screenshot out.png]
 
 --workflow-out writes the UI workflow of examples/comfyui_vmix_<family>_api.json as it is (generic file
-names, full size): what a user drags into ComfyUI.  The run and the screenshot use the given checkpoint,
-adapter, size and steps.  Needs selenium (requirements-e2e.txt) and /usr/bin/chromium + chromedriver.
+names, full size, seed fixed): what a user drags into ComfyUI; it does only that.  Otherwise the graph
+with the given checkpoint, adapter, size and steps is loaded, the bypassed prompt taken, then it is
+queued from the frontend and the screenshot taken when the run has finished.  Needs selenium (requirements-e2e.txt) and /usr/bin/chromium + chromedriver.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage", "--window-size=1700,1000")
 
 # Node positions (API node id -> x, y) for a graph that reads left to right.
-LAYOUT = {"1": (20, 60), "2": (20, 300), "4": (420, 60), "5": (420, 300), "3": (880, 60), "6": (880, 640),
+LAYOUT = {"1": (20, 60), "2": (20, 300), "6": (20, 430), "4": (420, 60), "5": (420, 300), "3": (880, 60),
           "7": (1230, 60), "8": (1560, 60), "9": (1560, 200)}
 
 LOAD_JS = """
@@ -38,6 +39,7 @@ const [prompt, layout, done] = [arguments[0], arguments[1], arguments[arguments.
   for (const node of window.app.graph._nodes) {
     const id = String(node.id);
     if (layout[id]) node.pos = layout[id];
+    for (const w of node.widgets || []) if (w.name === "control_after_generate") w.value = "fixed";
   }
   window.app.graph.setDirtyCanvas(true, true);
   done(window.app.graph.serialize());
@@ -79,7 +81,7 @@ def driver_for(chromium: str, chromedriver: str):
 
 
 def open_app(browser, url: str, client: comfyui_checks.ComfyClient):
-    for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Workflow.ShowMissingModelsWarning", False)):
+    for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
         try:
             client._open(f"/settings/{setting}", json.dumps(value).encode()).close()
         except Exception:
@@ -131,7 +133,7 @@ def main(argv=None) -> int:
     try:
         open_app(browser, args.url, client)
         close_dialogs(browser)
-        if args.workflow_out:
+        if args.workflow_out:  # the generic example only (a browser session of its own: one tab)
             workflow = browser.execute_async_script(LOAD_JS, generic_prompt(args.family), LAYOUT)
             if "error" in workflow:
                 raise RuntimeError(workflow["error"])
@@ -139,6 +141,7 @@ def main(argv=None) -> int:
                 json.dump(workflow, f, indent=2)
                 f.write("\n")
             print(f"UI workflow: {args.workflow_out} ({len(workflow['nodes'])} nodes, {len(workflow['links'])} links)")
+            return 0
         loaded = browser.execute_async_script(LOAD_JS, rig_prompt(args.family, args.checkpoint, args.adapter,
                                                                   args.size, args.steps), LAYOUT)
         if "error" in loaded:
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
                 time.sleep(1)
             time.sleep(3)
             close_dialogs(browser)
-            browser.execute_script("const c = window.app.canvas; c.ds.scale = 0.78; c.ds.offset = [10, 40];"
+            browser.execute_script("const c = window.app.canvas; c.ds.scale = 0.83; c.ds.offset = [5, 25];"
                                    "c.setDirty(true, true);")
             time.sleep(2)
             browser.save_screenshot(args.screenshot)
