@@ -28,7 +28,6 @@ import copy
 from types import SimpleNamespace
 from typing import List, Sequence
 
-import pytest
 import torch
 
 from test_webui_fakes import (  # noqa: F401  (single_thread: autouse fixture)
