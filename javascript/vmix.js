@@ -82,16 +82,15 @@
 
 // The VMix tab (vmix_lib/webui/making/tab.py): Train and Resume start a job the way A1111's own Train
 // tab does (textualInversion.js): a task id for the progress bar, which polls /internal/progress and
-// shows shared.state's text and the newest λ-sweep preview while the job runs.
+// shows shared.state's text and the newest λ-sweep preview (as the live preview) while the job runs.
 function make_vmix_start() {
     var app = gradioApp();
     var result = app.querySelector("#make_vmix_result");
     if (result) result.innerHTML = "";
     var id = randomId();
-    requestProgress(id, app.getElementById("make_vmix_progress"), app.getElementById("make_vmix_preview"), function() {}, function(progress) {
-        var text = app.getElementById("make_vmix_progress");
-        if (text && progress.textinfo) text.innerHTML = progress.textinfo;
-    });
+    // The bar shows shared.state.textinfo (step, loss, direction) itself; nothing is written into the
+    // job's output elements, which gradio fills when the job returns.
+    requestProgress(id, app.getElementById("make_vmix_progress"), app.getElementById("make_vmix_preview"), function() {});
     var args = Array.from(arguments);
     args[0] = id;
     return args;
