@@ -85,8 +85,6 @@
 // shows shared.state's text and the newest λ-sweep preview (as the live preview) while the job runs.
 function make_vmix_start() {
     var app = gradioApp();
-    var result = app.querySelector("#make_vmix_result");
-    if (result) result.innerHTML = "";
     var id = randomId();
     // The bar shows shared.state.textinfo (step, loss, direction) itself; nothing is written into the
     // job's output elements, which gradio fills when the job returns.
