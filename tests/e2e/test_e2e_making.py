@@ -148,7 +148,8 @@ def test_11_make_an_adapter_in_the_tab(page, made):
     if not overwrite.is_selected():
         overwrite.click()
     page.find("#make_vmix_train").click()
-    page.wait(lambda: "VMix: step" in (page.find("#make_vmix_progress").text or ""), "the progress line", 1800)
+    # the WebUI's own progress bar (requestProgress) with shared.state's text, above the progress output
+    page.wait(lambda: any("VMix: step" in (e.text or "") for e in page.finds("#tab_vmix .progressDiv")), "the progress bar", 1800)
     page.screenshot(f"vmix-tab-{FAMILY}-training", "#tab_vmix")
     page.find("#make_vmix_interrupt").click()
     result = page.wait(lambda: (lambda t: t if t.strip() else None)(page.find("#make_vmix_result").text), "the result line", 1800)
