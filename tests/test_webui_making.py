@@ -612,3 +612,57 @@ def test_the_tab_needs_no_trainer_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_a1111_sdxl_conditioning_and_openclip_pooled_rows():
+    """SDXL in A1111: conditioning is {"crossattn", "vector"} (passed to apply_model as is), and the
+    OpenCLIP-G "[CLS]" row is the final-LN EOS state before text_projection, read through A1111's
+    wrapped token embedding (which has no .weight)."""
+    from vmix_lib.webui.making.models import openclip_pooled
+
+    torch.manual_seed(0)
+
+    class Wrapped(torch.nn.Module):  # A1111's EmbeddingsWithFixes around the embedding
+        def __init__(self):
+            super().__init__()
+            self.wrapped = torch.nn.Embedding(50, 6)
+
+        def forward(self, ids):
+            return self.wrapped(ids)
+
+    class OpenClipEmbedder:  # sgm FrozenOpenCLIPEmbedder2 (legacy=False)
+        def __init__(self):
+            self.model = torch.nn.Module()
+            self.model.token_embedding = Wrapped()
+            self.model.ln_final = torch.nn.LayerNorm(6)
+            self.model.text_projection = torch.nn.Parameter(torch.randn(6, 4))
+
+        def encode_with_transformer(self, tokens):
+            last = self.model.token_embedding(tokens) * 2
+            return {"last": last, "penultimate": last, "pooled": self.model.ln_final(last)[:, 0] @ self.model.text_projection}
+
+    tokens = torch.tensor([[49, 3, 0, 0], [49, 5, 7, 0]])  # EOT = the highest id
+    embedder = OpenClipEmbedder()
+    rows = openclip_pooled(embedder, ["a", "b"], lambda texts: tokens)
+    expected = embedder.model.ln_final(embedder.model.token_embedding(tokens) * 2)[torch.arange(2), tokens.argmax(-1)]
+    assert torch.equal(rows, expected.float()) and rows.shape == (2, 6)  # 6 wide: no projection
+
+    seen = {}
+
+    class XL:
+        is_sdxl = True
+        model = SimpleNamespace(diffusion_model=None, conditioning_key="crossattn")
+
+        def get_learned_conditioning(self, texts):
+            seen["size"] = (texts.width, texts.height)
+            return {"crossattn": torch.ones(len(texts), 77, 8), "vector": torch.full((len(texts), 12), 2.0)}
+
+        def apply_model(self, x, t, cond):
+            seen["cond"] = cond
+            return x
+
+    model = A1111Model(XL(), a1111_env())
+    context, added = model._encoder(1024)(["a", "b"])
+    assert seen["size"] == (1024, 1024) and context.shape == (2, 77, 8) and torch.equal(added["vector"], torch.full((2, 12), 2.0))
+    model._forward(torch.zeros(2, 4, 8, 8), torch.tensor([1, 1]), context, added)
+    assert set(seen["cond"]) == {"crossattn", "vector"} and seen["cond"]["crossattn"] is context

@@ -1,5 +1,5 @@
 """Browser checks of the VMix panel in a running WebUI (AUTOMATIC1111 or Forge).  Opt-in: every test
-here is skipped unless VMIX_E2E_URL names the WebUI.  See the README section "Browser checks".
+here is skipped unless VMIX_E2E_URL names the WebUI.  See docs/tests.md, "Browser checks".
 
     VMIX_E2E_URL          the WebUI, e.g. http://127.0.0.1:7860 (started with --api; the extension installed)
     VMIX_E2E_ADAPTER_DIR  its VMix adapter folder (the refresh and damaged-file checks write files there

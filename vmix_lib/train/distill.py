@@ -11,7 +11,7 @@ phrase, "vibrant color") and a contrast phrase p⁻_i (default empty); ``c ⊕ p
 ε(·) is the frozen base model (VMix disarmed, no gradient).  All-inferior y means "no change", which
 is what the negative labels (α = 0) stand for at inference.  With an empty contrast, c ⊕ p⁻ = c.
 
-Choices (README, "Distilling an adapter"):
+Choices (docs/distillation.md):
 
 - **Parameterisation.**  ε and v are affine in each other at a fixed x_t (ε = √ᾱ·v + √(1−ᾱ)·x_t),
   so the same formula applied to the model's raw outputs is the same target in either: the loss is

@@ -74,7 +74,7 @@ def _unet_family(unet: nn.Module, title: str, allow_custom_layout: bool, claimed
 
 def openclip_pooled(embedder, texts: Sequence[str], tokenize: Callable) -> torch.Tensor:
     """OpenCLIP-G's final-LN EOS state before ``text_projection`` (sgm FrozenOpenCLIPEmbedder2), [n, 1280]."""
-    device = embedder.model.token_embedding.weight.device
+    device = next(embedder.model.parameters()).device  # (A1111 wraps token_embedding, which then has no .weight)
     tokens = tokenize(list(texts)).to(device)
     out = embedder.encode_with_transformer(tokens)
     last = embedder.model.ln_final(out["last"])
