@@ -650,3 +650,25 @@ def test_python_api_source_and_resume(tmp_path, clip_dir):
     assert results["sources"][0]["source"] == "research-model"
     calls.clear()
     assert evaluate(opts, log=lambda m: None)["generation"]["made"] == 0 and calls == []
+
+
+def test_offline_sampling_of_a_tiny_unet_uses_one_cpu_thread_unless_told(tmp_path, tiny_model, monkeypatch):
+    from vmix_lib.evaluate.offline import OfflineSource
+    from vmix_lib.evaluate.settings import Setting
+    from vmix_lib.evaluate.webui_client import GenerationParams
+
+    checkpoint, configs, tokenizer, _ = tiny_model
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for requested, expected in ((0, 1), (2, 2)):
+            torch.set_num_threads(3)
+            source = OfflineSource(checkpoint, GenerationParams(steps=1, width=32, height=32), "ddim", configs, tokenizer,
+                                   device="cpu", threads=requested)
+            source.prepare([Setting("off")])
+            source.close()
+            assert torch.get_num_threads() == expected
+            assert source.threads_line.startswith(f"CPU threads: {expected} (")
+            assert ("auto: the UNet has" in source.threads_line) == (requested == 0)
+    finally:
+        torch.set_num_threads(before)

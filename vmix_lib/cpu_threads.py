@@ -1,4 +1,5 @@
-"""How many torch CPU threads the command-line tools use (trainer, dataset preparation).
+"""How many torch CPU threads the command-line tools use (trainer, dataset preparation, offline
+evaluation).
 
 On the CPU, a model this project calls tiny (a test or smoke-run model, under ``TINY_PARAMETERS``)
 runs fastest on one thread: its tensors are so small that OpenMP's threads spend their time waiting

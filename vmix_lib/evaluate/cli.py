@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--inception-weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (for --fid-features inception)")
     sc.add_argument("--probe", action="append", default=[], metavar="NAME=POS|NEG;POS|NEG", help="a user-defined probe (repeatable)")
     sc.add_argument("--device", default="auto", help="scoring device (default: cuda if available; offline sampling uses it too)")
+    sc.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0 = auto: 1 for an offline UNet under 10 M "
+                    "parameters, where one thread is fastest; otherwise torch's default)")
     sc.add_argument("--batch-size", type=int, default=32)
     sc.add_argument("--workers", type=int, default=0, help="image decoding worker processes (default: 0)")
     sc.add_argument("--cache-dir", help="feature cache (default: OUT/features)")
@@ -111,6 +113,12 @@ def options_from_args(args) -> "object":
     for name in ("seeds", "steps", "width", "height", "batch_size", "grid_prompts"):
         if getattr(args, name) < 1:
             raise EvaluationError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise EvaluationError(f"--threads must be 0 (auto) or more, got {args.threads}")
+    if args.threads and not args.offline:  # scoring only: no model decides, the number given does
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.workers < 0:
         raise EvaluationError(f"--workers must be 0 or more, got {args.workers}")
     if args.checkpoint and not args.webui:
@@ -136,7 +144,7 @@ def options_from_args(args) -> "object":
         sources.append(WebUISource(args.webui, args.checkpoint, params, args.timeout, args.api_auth))
     if args.offline:
         sources.append(OfflineSource(args.offline, params, args.scheduler, args.model_config_dir, args.tokenizer_dir,
-                                     args.vae, args.device, args.precision))
+                                     args.vae, args.device, args.precision, args.threads))
     folders = [parse_folder_spec(s) for s in args.images]
     if not sources and not folders:
         raise EvaluationError("no image source: give --webui URL, --offline CHECKPOINT or --images NAME=DIR")

@@ -68,6 +68,7 @@ class OfflineSource:
         vae: Optional[str] = None,
         device: str = "auto",
         precision: str = "auto",
+        threads: int = 0,
     ):
         if scheduler not in SCHEDULERS:
             raise EvaluationError(f"--scheduler {scheduler!r} is not one of {', '.join(SCHEDULERS)}")
@@ -79,6 +80,8 @@ class OfflineSource:
         self.vae_path = vae
         self.device_name = device
         self.precision_name = precision
+        self.threads = threads
+        self.threads_line: Optional[str] = None  # set by prepare(): the CPU thread choice, for the log
         self.name = f"offline {os.path.basename(checkpoint)}"
         self.base = None
         self.mixers: Dict[str, Any] = {}
@@ -130,6 +133,7 @@ class OfflineSource:
     def prepare(self, settings: List[Setting]) -> None:
         """Load the checkpoint and every adapter of ``settings``; check that each adapter fits."""
         from ..adapter_file import AdapterError, load_adapter
+        from ..cpu_threads import apply_threads
         from ..hook import AdapterMismatch, ValueMixer
         from ..layers import find_cross_attention_layers
         from ..train.checkpoint_loading import load_base_model
@@ -148,6 +152,9 @@ class OfflineSource:
             raise EvaluationError(str(e)) from None
         self.base = base
         self.dtype = dtype
+        # a tiny (test, smoke-run) UNet samples several times faster on one CPU thread: vmix_lib.cpu_threads
+        self.threads_line = apply_threads(self.threads, sum(p.numel() for p in base.unet.parameters()), "UNet",
+                                          torch.device(self.device).type)
         self.scheduler = make_scheduler(self.scheduler_name, configs["scheduler"], info.prediction)
         for module in (base.unet, *base.text_encoders, base.vae):
             module.to(self.device)

@@ -154,6 +154,8 @@ def generate(rows: List[ImageRow], opts: Options, log: Callable[[str], None], pr
         for group in by_source.values():  # checks and model loading first: a bad server or file fails fast
             group[0].generated_by.prepare(opts.settings)
             prepared.add(id(group[0].generated_by))
+            if getattr(group[0].generated_by, "threads_line", None):
+                log(group[0].generated_by.threads_line)
         bar = progress(total=len(todo), desc="generating", unit="img", dynamic_ncols=True)
         for group in by_source.values():
             source = group[0].generated_by
