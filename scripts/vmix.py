@@ -36,5 +36,9 @@ class VMixScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         app.runner().before_sampling(p)
 
+    # Before the batch's infotexts: a VMix that could not act (attention replaced without to_v) says so.
+    def postprocess_batch(self, p, *args, **kwargs):
+        app.runner().after_batch(p)
+
     def postprocess(self, p, processed, *args):
         app.runner().postprocess(p)

@@ -214,3 +214,40 @@ def test_old_backend_without_predictor_falls_back_to_steps(setup):
     assert torch.equal(forge_unet_call(model.forge_objects.unet, x, [c, u], [0, 1], 1.0), base)
     runner.on_cfg_denoiser(cfg(4, None, None, step=7))
     assert not torch.equal(forge_unet_call(model.forge_objects.unet, x, [c, u], [0, 1], 1.0), base)
+
+
+def test_an_attn2_replace_that_never_calls_to_v_is_named_not_silent(setup):
+    """Forge's attn2 replace patches get q, k, v already projected by to_v (VMix composes with them);
+    an extension that replaced attn2's forward itself and computes v without calling to_v would leave
+    VMix without effect: the infotext and the console say so."""
+    import torch.nn.functional as F
+
+    from vmix_lib.layers import find_cross_attention_layers
+
+    runner, host, model, unet = setup
+    layers = find_cross_attention_layers(unet)
+    originals = {}
+    for info in layers[:3]:
+        module = info.module
+        originals[module] = module.__dict__.get("forward")
+
+        def forward(x, context=None, value=None, module=module, **kwargs):
+            v = F.linear(value if value is not None else context, module.to_v.weight)
+            return module.to_out(attention(module.to_q(x), module.to_k(context), v, TINY_HEADS))
+
+        module.forward = forward
+    try:
+        x, c, u = data()
+        p = start_sampling(runner, model, args())
+        forge_unet_call(model.forge_objects.unet, x, [c, u], [0, 1], 5.0)
+        runner.after_batch(p)
+        assert p.extra_generation_params["VMix note"].startswith(
+            f"did not act on 3 of 16 cross-attention layers (first: {layers[0].name}): their value projection attn2.to_v was never called")
+        runner.postprocess(p)
+    finally:
+        for module in originals:
+            del module.forward
+    p = start_sampling(runner, model, args())
+    forge_unet_call(model.forge_objects.unet, x, [c, u], [0, 1], 5.0)
+    runner.after_batch(p)
+    assert "VMix note" not in p.extra_generation_params  # every layer reached: nothing to say

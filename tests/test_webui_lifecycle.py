@@ -286,3 +286,56 @@ def test_reload_ui_reports_what_it_removed(setup, unet, library):
     generation(runner, model, args())  # a hooked generation that never ended
     assert vmix_hook_count(unet)[0] == len(find_cross_attention_layers(unet))
     assert runner.shutdown() == (len(find_cross_attention_layers(unet)), 0)
+
+
+def _replace_attention_without_to_v(unet, count):
+    """What an attention patcher that bypasses VMix does: its own forward for attn2, using to_v's
+    weight but never calling the module (so no forward hook on to_v runs)."""
+    import torch.nn.functional as F
+
+    from test_webui_fakes import attention
+
+    replaced = []
+    for info in find_cross_attention_layers(unet)[:count]:
+        module = info.module
+
+        def forward(x, context=None, value=None, module=module, **kwargs):
+            v = F.linear(value if value is not None else context, module.to_v.weight)
+            return module.to_out(attention(module.to_q(x), module.to_k(context), v, module.heads))
+
+        module.forward = forward
+        replaced.append(info.name)
+    return replaced
+
+
+@pytest.mark.parametrize("replaced_layers", [0, 2, 16])
+def test_attention_replaced_without_to_v_is_named_in_the_infotext_not_silent(library, replaced_layers):
+    unet = make_unet(LAYOUT)  # its own: the forwards are replaced
+    names = _replace_attention_without_to_v(unet, replaced_layers)
+    host = TestHost(A1111Model(unet))
+    runner = VMixRunner(host, library)
+    x, c, u = data()
+    try:
+        p = generation(runner, host.model, args())
+        a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser)
+        runner.after_batch(p)
+        note = p.extra_generation_params.get("VMix note")
+        if replaced_layers:
+            expected = (f"did not act on {replaced_layers} of 16 cross-attention layers (first: {names[0]}): their value "
+                        f"projection attn2.to_v was never called while sampling, so another extension replaced that "
+                        f"attention; VMix cannot work together with it")
+            assert note == expected and host.warnings == ["VMix " + expected]
+        else:
+            assert note is None and host.warnings == []
+        runner.postprocess(p)
+        # λ = 0 changes nothing anyway, and a job that never sampled made no claim: no note
+        for a, sample in ((args(strength=0.0), True), (args(), False)):
+            p = generation(runner, host.model, a)
+            if sample:
+                a1111_denoise(unet, x, c, u, callback=runner.on_cfg_denoiser)
+            runner.after_batch(p)
+            assert "VMix note" not in p.extra_generation_params
+            runner.postprocess(p)
+    finally:
+        runner.shutdown()
+    assert vmix_hook_count(unet) == (0, 0)

@@ -226,6 +226,9 @@ class ValueMixer:
         self._values: Optional[AestheticValues] = None
         self._rows_cache: Dict[tuple, tuple] = {}
         self._warned: set = set()
+        # names of the layers whose to_v ran while armed: an attention that another extension
+        # replaced without calling to_v shows up as missing here (the WebUI glue says so)
+        self.reached: set = set()
         unknown = set(self.layer_strengths) - set(adapter.layer_names)
         if unknown:
             raise ValueError(f"unknown layer in block weights: {sorted(unknown)[0]}")
@@ -398,9 +401,10 @@ class ValueMixer:
 
         def vmix_value_hook(module, args, output):
             mixer = mixer_ref()
-            if mixer is None or not mixer.armed or not mixer.gate:
+            if mixer is None or not mixer.armed:
                 return None
-            if not isinstance(output, torch.Tensor):
+            mixer.reached.add(name)
+            if not mixer.gate or not isinstance(output, torch.Tensor):
                 return None
             try:
                 if mixer.guard is not None and not mixer.guard():

@@ -201,6 +201,7 @@ class Generation:
     rejected: List[Any] = field(default_factory=list)  # weakrefs to UNets the adapter does not fit
     pre_hooks: List[Tuple[Any, Any]] = field(default_factory=list)  # (weakref to module, handle)
     notes: List[str] = field(default_factory=list)
+    denoiser_calls: int = 0  # sampling calls seen while VMix was on (for the bypass check in after_batch)
     # the runner's skip-or-stop decision for a model that turns out unusable after process()
     cannot_apply: Optional[Callable[[str], None]] = None
 
@@ -267,6 +268,22 @@ class LifecycleController:
         gen.pre_hooks.clear()
         gen.last_cou = gen.last_sigmas = None
         self._strip_inplace()
+
+    def after_batch(self, p) -> None:
+        """postprocess_batch, before the batch's infotexts are written: if the model sampled while VMix
+        was on but some cross-attention layers never ran their ``to_v``, another extension replaced
+        that attention and VMix could not act there; say so instead of a silent no-op."""
+        gen = self.current
+        if gen is None or not gen.owns(p) or gen.mixer is None or gen.failure is not None or not gen.denoiser_calls:
+            return
+        mixer = gen.mixer
+        if mixer.strength == 0.0:
+            return
+        missing = [name for name in mixer.adapter.layer_names if name not in mixer.reached]
+        if missing:
+            self.note(gen, f"did not act on {len(missing)} of {len(mixer.adapter.layer_names)} cross-attention layers "
+                           f"(first: {missing[0]}): their value projection attn2.to_v was never called while sampling, so "
+                           f"another extension replaced that attention; VMix cannot work together with it")
 
     def cleanup(self, unet: Optional[nn.Module] = None) -> None:
         """Remove all VMix hooks known to this process and any found on ``unet`` (leftovers)."""
@@ -415,6 +432,7 @@ class LifecycleController:
         gen = self.current
         if gen is None or gen.mixer is None or not self._alive(gen):
             return
+        gen.denoiser_calls += 1
         try:
             self._follow_model(gen)
             mixer = gen.mixer
@@ -461,6 +479,7 @@ class LifecycleController:
             if cond_or_uncond is gen.last_cou and sigmas is gen.last_sigmas:
                 return  # same UNet call as the previous block
             gen.last_cou, gen.last_sigmas = cond_or_uncond, sigmas
+            gen.denoiser_calls += 1
             mixer = gen.mixer
             if gen.sigma_window is not None and sigmas is not None:
                 sigma = float(sigmas.reshape(-1)[0]) if isinstance(sigmas, torch.Tensor) else float(sigmas)

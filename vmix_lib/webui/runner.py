@@ -149,6 +149,9 @@ class VMixRunner:
     def before_sampling(self, p) -> None:
         self.controller.ensure_installed(p)
 
+    def after_batch(self, p) -> None:
+        self.controller.after_batch(p)
+
     def postprocess(self, p) -> None:
         self.controller.end(p)
 
