@@ -241,6 +241,29 @@ def test_interrupt_saves_and_resume_continues_bit_for_bit(tmp_path, base, monkey
     assert [r.split(",")[:2] for r in rows(tmp_path / "a")] == [r.split(",")[:2] for r in rows(tmp_path / "b")]
 
 
+def test_interrupt_during_a_preview_step_stops_without_drawing_the_preview(tmp_path, base):
+    """Interrupt during a step that would draw the λ-sweep: the run ends there at once (on a CPU the
+    preview takes minutes); the finished resumed run draws its own."""
+    board = JobBoard()
+    model = tiny_a1111(base)
+    status = board.new_task("t")
+
+    class Sink:
+        def begin(self, n): pass
+        def image(self, image): pass
+        def interrupted(self): return False
+
+        def step(self, step, max_steps, text):
+            if step == 2:
+                board.request_stop()
+
+    run_job(request(steps=4, save_every=0, preview_every=2), model, str(tmp_path), status, board, Sink(), console=lambda m: None)
+    assert status.state == "stopped" and status.step == 2
+    assert status.preview_step is None and not os.path.exists(tmp_path / "t-training" / "previews" / "t-step000002.png")
+    resumed = run(model, tmp_path, request(steps=4, save_every=0, preview_every=2, resume=True))
+    assert resumed.state == "finished" and resumed.preview_step == 4 and os.path.isfile(resumed.preview_path)
+
+
 @pytest.mark.parametrize("failure", ["error", "oom"])
 def test_a_failed_step_leaves_the_webui_as_it_was(tmp_path, base, failure):
     model = tiny_a1111(base)

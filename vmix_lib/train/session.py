@@ -181,7 +181,7 @@ def train_on_model(
 
     ``accelerator``: accelerate's Accelerator or runtime.SingleProcess.  ``make_lora()``: an
     installed LoRANetwork to train beside the adapter (command line), made right after the adapter.  ``make_previews(trainer)`` returns
-    ``preview(step) -> path``.  ``should_stop()`` is asked after every step: True ends the run there
+    ``preview(step) -> path``.  ``should_stop()`` is asked after every step, before its preview: True ends the run there (no preview)
     with the adapter and its resume state saved (as Ctrl-C does on the command line; with
     ``save_on_stop`` the adapter goes to the final path).  ``on_step`` hears each step,
     ``on_save(step, adapter_path)`` each saved adapter.  The hook is removed on return and on error.
@@ -342,9 +342,13 @@ def _train(cfg, parts, objective, accelerator, files, trainer, adapter, lora, st
                 last_saved = save(step, final=False)
                 if is_main:
                     plot_loss(loss_log.path, files.loss_png)
-            if is_main and previews is not None and cfg.preview_every and (step % cfg.preview_every == 0 or step == cfg.max_steps):
+            # asked before the preview: an Interrupt during a step ends the run there, without first
+            # drawing a λ-sweep (minutes on a CPU)
+            stop_now = should_stop is not None and step < cfg.max_steps and should_stop()
+            if is_main and previews is not None and cfg.preview_every and not stop_now and (
+                    step % cfg.preview_every == 0 or step == cfg.max_steps):
                 previews(step)
-            if should_stop is not None and step < cfg.max_steps and should_stop():
+            if stop_now:
                 stopped = True
                 break
     except KeyboardInterrupt:
