@@ -69,7 +69,7 @@ class WebUIPage:
         self.driver.get(self.url + "/")
         self.wait_ready()
         versions = self.js("const v = document.querySelector('.versions'); return v ? v.textContent : '';") or ""
-        self.kind = "forge" if "version: f" in versions else "a1111"
+        self.kind = "forge neo" if "version: neo" in versions else "forge" if "version: f" in versions else "a1111"
         self.note(f"WebUI at {self.url}: {self.kind}; {' '.join(versions.split())}")
 
     def wait_ready(self) -> None:
