@@ -259,7 +259,8 @@ class WebUIPage:
             if expect in text and text != before:
                 return text
             if "Error" in log_text or "VMix" in log_text:
-                return log_text
+                # without the WebUI's timing line (Forge Neo shows "Time taken: …" in the same element)
+                return "\n".join(line for line in log_text.splitlines() if not line.startswith("Time taken:"))
             return None
 
         return self.wait(done, f"the {tab} result", timeout)
