@@ -442,3 +442,47 @@ def test_paste_through_neos_loop_restores_every_control_with_its_type():
     # an infotext without VMix: VMix off, every other control left as it is (gr.skip())
     off = neo_paste(list(zip(controls, infotext.PASTE_FUNCTIONS)), {"Steps": "20"}, skip)
     assert off[0] == {"__type__": "update", "value": False} and all(o is skip for o in off[1:])
+
+
+# ---------------------------------------------------------------- the VMix tab's preview picture
+
+
+def neo_save_pil_to_file(pil_image, temp_dir, cache_dir):
+    """modules/ui_tempdir.py save_pil_to_file of Neo (3df257ae, lines 45-67), which gradio 4 calls for a
+    PIL picture returned to a gr.Image: a picture already on disk is served from its file; any other is
+    written to Settings > temp_dir (Neo's default: <webui>/tmp), a folder only made when the setting changes."""
+    import os
+    import tempfile
+
+    already_saved_as = getattr(pil_image, "already_saved_as", None)
+    if already_saved_as and os.path.isfile(already_saved_as):
+        return f"{already_saved_as}?{os.path.getmtime(already_saved_as)}"
+    if temp_dir:
+        folder = temp_dir
+    else:
+        folder = cache_dir
+        os.makedirs(folder, exist_ok=True)
+    file_obj = tempfile.NamedTemporaryFile(delete=False, suffix=".png", dir=folder)
+    pil_image.save(file_obj)
+    return file_obj.name
+
+
+def test_the_tabs_preview_is_served_from_its_file_when_neos_temp_folder_is_missing(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vmix_lib.webui.making.job import JobStatus
+    from vmix_lib.webui.making.service import preview_image
+
+    path = tmp_path / "previews" / "t-step000002.png"
+    path.parent.mkdir()
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(path)
+    missing = tmp_path / "tmp"  # a fresh Neo: temp_dir = <webui>/tmp, not created
+    with Image.open(path) as plain:  # what the tab returned before: a copy without its file
+        with pytest.raises(FileNotFoundError):
+            neo_save_pil_to_file(plain.copy(), str(missing), str(tmp_path / "cache"))
+    image = preview_image(JobStatus(task_id="t", preview_path=str(path)))
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(path)))
+    served = neo_save_pil_to_file(image, str(missing), str(tmp_path / "cache"))
+    assert served.split("?")[0] == str(path) and not missing.exists()
+    assert preview_image(JobStatus(task_id="t")) is None

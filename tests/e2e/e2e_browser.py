@@ -69,7 +69,7 @@ class WebUIPage:
         self.driver.get(self.url + "/")
         self.wait_ready()
         versions = self.js("const v = document.querySelector('.versions'); return v ? v.textContent : '';") or ""
-        self.kind = "forge" if "version: f" in versions else "a1111"
+        self.kind = "forge neo" if "version: neo" in versions else "forge" if "version: f" in versions else "a1111"
         self.note(f"WebUI at {self.url}: {self.kind}; {' '.join(versions.split())}")
 
     def wait_ready(self) -> None:
@@ -259,7 +259,8 @@ class WebUIPage:
             if expect in text and text != before:
                 return text
             if "Error" in log_text or "VMix" in log_text:
-                return log_text
+                # without the WebUI's timing line (Forge Neo shows "Time taken: …" in the same element)
+                return "\n".join(line for line in log_text.splitlines() if not line.startswith("Time taken:"))
             return None
 
         return self.wait(done, f"the {tab} result", timeout)

@@ -83,6 +83,23 @@ def ui_job(id_task: str, request: Optional[MakeRequest], error: Optional[str], b
     return run_in_webui(request, status, board)
 
 
+def preview_image(status: JobStatus):
+    """The newest λ-sweep preview for the tab's ``gr.Image`` (None without one).  The picture carries
+    ``already_saved_as`` (its file), the WebUI's mark for a picture already on disk: its
+    ``save_pil_to_file`` then serves that file instead of writing a temporary copy.  Forge Neo writes
+    such copies to Settings > temp_dir, by default ``<webui>/tmp``, a folder it does not create, so
+    the copy failed there (FileNotFoundError) and the tab showed neither preview nor result."""
+    path = status.preview_path
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        image = im.copy()
+    image.already_saved_as = path
+    return image
+
+
 def precheck(request: MakeRequest) -> None:
     """Check an API request against the checkpoint loaded now (if any) and the adapter folder; raises
     MakeError with one sentence.  A checkpoint the job itself must load is checked by the job."""

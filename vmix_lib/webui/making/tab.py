@@ -53,7 +53,7 @@ def build(panel_dropdowns=None):
     """The tab's Blocks; ``panel_dropdowns()`` -> the VMix panels' adapter dropdowns to refresh after a job."""
     from modules.call_queue import wrap_gradio_gpu_call
 
-    from .service import ui_job
+    from .service import preview_image, ui_job
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
@@ -108,13 +108,7 @@ def build(panel_dropdowns=None):
                 except MakeError as e:
                     error = str(e)
                 status = ui_job(id_task, request, error)
-                image = None
-                if status.preview_path:
-                    from PIL import Image
-
-                    with Image.open(status.preview_path) as im:
-                        image = im.copy()
-                return image, html.escape(status.text()) if status.step else "", _result_html(status)
+                return preview_image(status), html.escape(status.text()) if status.step else "", _result_html(status)
 
             return fn
 
