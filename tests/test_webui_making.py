@@ -183,7 +183,8 @@ def test_a_finished_run_leaves_the_webui_as_it_was_and_writes_the_adapter(tmp_pa
     before = fingerprint(model)
     status = run(model, tmp_path, request(preview_every=3, save_every=2))
     assert status.state == "finished", status.message
-    assert status.message == f"Finished 3 steps: saved t.safetensors in {tmp_path}; it is in the VMix panel's adapter list."
+    assert status.message == (f"Finished 3 steps: saved t.safetensors in {tmp_path}; choose it in the VMix panel of txt2img or img2img "
+                              f"(press 🔄 there if the list does not show it yet).")
     assert_same_webui(before, fingerprint(model))
     assert model.env.networks.calls == [[]]  # trained on the plain checkpoint: LoRAs unloaded, then the list put back
     assert sorted(os.listdir(tmp_path)) == ["t-training", "t.safetensors"]

@@ -320,7 +320,10 @@ def _run(request: MakeRequest, model: WebUIModel, folder: str, status: JobStatus
                           f"press Resume to continue.")
     else:
         status.state = "finished"
-        status.message = f"Finished {result.steps} steps: saved {where}; it is in the VMix panel's adapter list."
+        # The tab refreshes the lists of the page it runs in; other pages (and a page loaded later: the
+        # WebUI sends the choices it had at start) show the file after their 🔄.
+        status.message = (f"Finished {result.steps} steps: saved {where}; choose it in the VMix panel of txt2img or "
+                          f"img2img (press 🔄 there if the list does not show it yet).")
     say(status.message)
 
 
