@@ -49,22 +49,28 @@ def _args(setup, out, *extra):
     ]
 
 
-def _torchrun(args, writes):
-    """``torchrun --standalone --nproc_per_node 2`` of the trainer; returns its output."""
+def _two_processes(command, what, cwd=None, **env_extra):
+    """Run a two-process launch of the trainer on the CPU (gloo); returns (return code, output)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               VMIX_TEST_WRITES=str(writes))
+               **env_extra)
     if sys.platform.startswith("linux"):
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's hostname-based interface choice is flaky on CI
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ENTRY, *args]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
         output, _ = process.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        pytest.fail(f"the two-process run did not finish in {TIMEOUT} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-5000:]
+        pytest.fail(f"{what} did not finish in {TIMEOUT} s:\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def _torchrun(args, writes):
+    """``torchrun --standalone --nproc_per_node 2`` of the trainer; returns its output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", ENTRY, *args]
+    returncode, output = _two_processes(command, "the two-process run", VMIX_TEST_WRITES=str(writes))
+    assert returncode == 0, output[-5000:]
     return output
 
 
@@ -150,21 +156,11 @@ def test_two_processes_equal_one_write_once_and_resume(setup, tmp_path, capsys):
 def test_accelerate_launch_cpu_with_two_processes_trains_on_two(setup, tmp_path):
     """``accelerate launch --cpu --num_processes 2`` starts one process; the trainer starts the two
     (torchrun's launcher) instead of failing, which under accelerate launch would end in its traceback."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vmix_lib.train",
                *_args(setup, tmp_path / "run", "--batch-size", "2", "--max-steps", "1")]
-    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"accelerate launch did not finish in {TIMEOUT} s:\n{output[-3000:]}")
-    assert process.returncode == 0 and "Traceback" not in output, output[-5000:]
+    returncode, output = _two_processes(command, "accelerate launch", cwd=ROOT)
+    assert returncode == 0 and "Traceback" not in output, output[-5000:]
     assert "vmix train: accelerate launch --cpu starts a single process whatever --num_processes says; starting the 2 CPU " \
            "processes with torchrun's launcher instead" in output
     assert "runtime: 2 processes on 1 machine (MULTI_CPU, gloo, device cpu)" in output
