@@ -1,5 +1,6 @@
-"""Browser checks of the VMix panel in a running WebUI (AUTOMATIC1111 or Forge).  Opt-in: every test
-here is skipped unless VMIX_E2E_URL names the WebUI.  See docs/tests.md, "Browser checks".
+"""Checks of VMix in a running WebUI (AUTOMATIC1111, Forge, Forge Neo): in the browser, and over the HTTP
+API alone (test_e2e_compose.py: no selenium, no browser).  Opt-in: every test here is skipped unless
+VMIX_E2E_URL names the WebUI.  See docs/tests.md, "Browser checks".
 
     VMIX_E2E_URL          the WebUI, e.g. http://127.0.0.1:7860 (started with --api; the extension installed)
     VMIX_E2E_ADAPTER_DIR  its VMix adapter folder (the refresh and damaged-file checks write files there
@@ -8,7 +9,8 @@ here is skipped unless VMIX_E2E_URL names the WebUI.  See docs/tests.md, "Browse
     VMIX_E2E_OUT          folder for screenshots and report.txt (default: a new temporary folder)
     VMIX_E2E_CHROMIUM, VMIX_E2E_CHROMEDRIVER   default /usr/bin/chromium, /usr/bin/chromedriver
 
-Needs selenium (requirements-e2e.txt) and a local chromium + chromedriver; nothing is downloaded.
+The browser checks need selenium (requirements-e2e.txt) and a local chromium + chromedriver; nothing
+is downloaded.
 """
 import os
 import shutil
@@ -24,22 +26,28 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-dev-shm-usage", "--window-size=1600,1300")
 
 
+API_ONLY = ("test_e2e_compose.py",)  # checks over the HTTP API alone: no selenium, no browser
+
+
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(os.path.abspath(__file__))
-    reason = None
     if not URL:
-        reason = "browser checks are opt-in: set VMIX_E2E_URL to a running WebUI"
-    else:
-        try:
-            import selenium  # noqa: F401
-        except ImportError:
-            reason = "browser checks need selenium: pip install -r requirements-e2e.txt"
-        if reason is None and not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-            reason = f"browser checks need {CHROMIUM} and {CHROMEDRIVER} (or VMIX_E2E_CHROMIUM/CHROMEDRIVER)"
+        for item in items:
+            if os.path.abspath(str(item.fspath)).startswith(here + os.sep):
+                item.add_marker(pytest.mark.skip(reason="WebUI checks are opt-in: set VMIX_E2E_URL to a running WebUI"))
+        return
+    reason = None
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        reason = "browser checks need selenium: pip install -r requirements-e2e.txt"
+    if reason is None and not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        reason = f"browser checks need {CHROMIUM} and {CHROMEDRIVER} (or VMIX_E2E_CHROMIUM/CHROMEDRIVER)"
     if reason is None:
         return
     for item in items:
-        if os.path.abspath(str(item.fspath)).startswith(here + os.sep):
+        path = os.path.abspath(str(item.fspath))
+        if path.startswith(here + os.sep) and os.path.basename(path) not in API_ONLY:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
