@@ -44,7 +44,7 @@ def test_clip_h_pth_is_in_the_format_automatic1111_can_load(tmp_path, monkeypatc
     assert target.endswith(os.path.join("sd-webui-controlnet", "annotator", "downloads", "clip_vision", "clip_h.pth"))
     patcher_models.write(target, patcher_models.clip_vision_state, force=False)
     assert not zipfile.is_zipfile(target)
-    assert torch.equal(torch.load(target)["visual_projection.weight"], torch.ones(2, 2))
+    assert torch.equal(torch.load(target, weights_only=False)["visual_projection.weight"], torch.ones(2, 2))
     before = os.path.getmtime(target)
     patcher_models.write(target, lambda: pytest.fail("an existing file was rewritten"), force=False)
     assert os.path.getmtime(target) == before and not os.path.exists(target + ".partial")

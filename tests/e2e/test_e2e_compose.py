@@ -9,12 +9,12 @@ skipped unless VMIX_E2E_URL is set; no browser needed).  docs/compatibility.md h
     VMIX_E2E_OUT        folder for report.txt and results.md (default: a new temporary folder)
 
 The models the patchers need are random-weight files in the real layouts: tests/e2e/patcher_models.py
-writes them into the WebUI's folders (before the WebUI starts: ControlNet lists its models at start).  For each patcher P, on two prompts and seeds:
-P alone differs from the plain picture (P acted); P + VMix off and P + VMix λ = 0 equal P alone bit for
-bit; P + VMix λ = 1 differs from P alone, twice the same, and the infotext names both; the plain
-picture after equals the plain picture before.  Then P + hires fix, the same.  A combination VMix cannot
-join must say so in its infotext ("VMix note: did not act on ..."): a λ = 1 picture equal to P alone
-without that note fails as a silent no-op.
+writes them into the WebUI's folders (before the WebUI starts: ControlNet lists its models at start).
+For each patcher P, on two prompts and seeds: P alone differs from the plain picture (P acted);
+P + VMix off and P + VMix λ = 0 equal P alone bit for bit; P + VMix λ = 1 differs from P alone, twice
+the same, and the infotext names both; the plain picture after equals the plain picture before.  Then
+P + hires fix, the same.  A combination VMix cannot join must say so in its infotext ("VMix note: did
+not act on ..."): a λ = 1 picture equal to P alone without that note fails as a silent no-op.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ CASES = [  # two prompts and seeds: no verdict rests on one lucky picture
     {"prompt": "a bowl of fruit on a wooden table, still life", "seed": 7},
 ]
 BASE = {"steps": 3, "width": SIZE, "height": SIZE, "sampler_name": "Euler", "cfg_scale": 5, "batch_size": 1, "n_iter": 1}
-# hr_cfg: the API's default is 1 (no negative pass in the second pass), unlike the UI's
+# hr_cfg: Forge's and Neo's API default is 1 (no negative prompt in the second pass), unlike their UI's
 HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_strength": 0.6, "hr_second_pass_steps": 2,
          "hr_cfg": BASE["cfg_scale"]}
 
@@ -142,10 +142,9 @@ def host():
     _, info = api.txt2img(dict(BASE, **CASES[0]))
     version = infotext_fields(info).get("Version", "")
     kind = "neo" if version.startswith("neo") else "forge" if version.startswith("f") else "a1111"
-    models = []
-    if "controlnet" in api.script_titles():
-        models = api.json("/controlnet/model_list").get("model_list", [])
-    return Host(api, kind, version, api.script_titles(), models)
+    titles = api.script_titles()
+    models = api.json("/controlnet/model_list").get("model_list", []) if "controlnet" in titles else []
+    return Host(api, kind, version, titles, models)
 
 
 class Report:
