@@ -23,7 +23,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.dirname(_TESTS), _TESTS]  # the repository (vmix_lib) and tests/ (test_webui_fakes)
 
 from vmix_lib.train.checkpoint_loading import shipped_unet_config  # noqa: E402
 
@@ -123,21 +124,11 @@ def clip_vision_state(seed: int = 0) -> Dict[str, torch.Tensor]:
 def vmix_adapter(family: str, seed: int = 0):
     """A VMix adapter of the family's real layout with random weights and a non-zero projection (a fresh
     one adds nothing until trained): the checks need λ = 1 to change a picture, not a good picture."""
-    from vmix_lib.adapter_file import LAYOUTS
-    from vmix_lib.dimensions import DEFAULT_DIMENSIONS
-    from vmix_lib.mixing import VMixAdapter
+    from test_webui_fakes import make_adapter  # the unit tests' random adapter, on the real layout
 
-    layout = LAYOUTS[family]
-    width = layout[0].context_dim
-    torch.manual_seed(seed)
-    adapter = VMixAdapter(DEFAULT_DIMENSIONS, width, {info.name: info.inner_dim for info in layout}, family)
-    with torch.no_grad():
-        adapter.aes_emb.normal_()
-        adapter.projection.out.weight.normal_(std=0.05)
-        adapter.projection.out.bias.normal_(std=0.05)
-        for name in adapter.layer_names:
-            adapter.value(name).weight.normal_(std=width ** -0.5)
-    return adapter
+    from vmix_lib.adapter_file import LAYOUTS
+
+    return make_adapter(LAYOUTS[family], family, seed)
 
 
 def host_kind(webui: str) -> str:
