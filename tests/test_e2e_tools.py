@@ -1,6 +1,6 @@
 """The composition suite's own tools, without a WebUI: the random-weight models it writes must have the
 layouts the WebUIs' loaders read (tests/e2e/patcher_models.py), and its infotext reader must read the
-WebUIs' infotexts (tests/e2e/webui_api.py)."""
+WebUIs' infotexts (tests/e2e/test_e2e_compose.py)."""
 import os
 import sys
 import zipfile
@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e"))
 
 import patcher_models  # noqa: E402
-from webui_api import infotext_fields  # noqa: E402
+from test_e2e_compose import control_picture, infotext_fields  # noqa: E402
 
 
 @pytest.mark.parametrize("family, layers, context, tokens_width", [("sd15", 16, 768, 768), ("sdxl", 70, 2048, 2048)])
@@ -82,9 +82,6 @@ def test_infotext_fields_reads_quoted_entries():
 
 def test_control_picture_is_not_blank():
     """Forge's ControlNet fails on an all-dark control image (every pixel < 5)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e"))
-    from test_e2e_compose import control_picture
-
     picture = control_picture(64)
     assert picture.shape == (64, 64, 3) and (picture > 5).any() and (picture < 5).any()
     assert np.array_equal(picture, control_picture(64))

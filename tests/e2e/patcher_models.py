@@ -1,6 +1,7 @@
 """Random-weight models in the real layouts that the composition checks need and nothing can download:
-a ControlNet, an IP-Adapter and the CLIP ViT-H image encoder IP-Adapter reads its picture with,
-written into the folders a WebUI looks in (AUTOMATIC1111 + sd-webui-controlnet, Forge, Forge Neo).
+a ControlNet, an IP-Adapter, the CLIP ViT-H image encoder IP-Adapter reads its picture with, and a VMix
+adapter (vmix_e2e_random_<family>), written into the folders a WebUI looks in (AUTOMATIC1111 +
+sd-webui-controlnet, Forge, Forge Neo).
 
     python tests/e2e/patcher_models.py WEBUI_DIR [--family sd15|sdxl|both] [--seed 0]
 

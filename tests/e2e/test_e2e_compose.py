@@ -18,15 +18,18 @@ not act on ..."): a λ = 1 picture equal to P alone without that note fails as a
 """
 from __future__ import annotations
 
+import base64
+import io
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from webui_api import WebUIApi, infotext_fields, png_base64
+from vmix_lib.evaluate.webui_client import WebUIClient  # the evaluation's stdlib client: one-sentence errors
 
 URL = os.environ.get("VMIX_E2E_URL", "").rstrip("/")
 FAMILY = os.environ.get("VMIX_E2E_FAMILY", "sd15")
@@ -42,6 +45,37 @@ HIRES = {"enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent", "denoising_s
          "hr_cfg": BASE["cfg_scale"]}
 
 
+def infotext_fields(infotext: str) -> Dict[str, str]:
+    """The "key: value" pairs of an infotext's last line (values with commas come quoted)."""
+    last = infotext.strip().split("\n")[-1]
+    fields, token, quoted = {}, "", False
+    for ch in last + ",":
+        if ch == '"':
+            quoted = not quoted
+            token += ch
+        elif ch == "," and not quoted:
+            if ":" in token:
+                k, v = token.split(":", 1)
+                fields[k.strip()] = v.strip()
+            token = ""
+        else:
+            token += ch
+    return fields
+
+
+def png_base64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def txt2img(client: WebUIClient, payload: dict) -> Tuple[np.ndarray, str]:
+    """(the first picture as an int16 array, its infotext); extensions' extra pictures (a ControlNet's
+    detected map) come after the first and are ignored."""
+    png, infotext = client.txt2img(payload)
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16), infotext
+
+
 def control_picture(size: int) -> np.ndarray:
     """A white disc and bar on black: a control map any ControlNet takes (module none) and a
     reference picture for IP-Adapter."""
@@ -54,7 +88,7 @@ def control_picture(size: int) -> np.ndarray:
 
 @dataclass
 class Host:
-    api: WebUIApi
+    api: WebUIClient
     kind: str  # "a1111", "forge" or "neo"
     version: str  # the infotext's Version
     titles: List[str]
@@ -138,12 +172,12 @@ ONLY = [p.strip() for p in os.environ.get("VMIX_E2E_PATCHERS", "").split(",") if
 
 @pytest.fixture(scope="module")
 def host():
-    api = WebUIApi(URL)
-    _, info = api.txt2img(dict(BASE, **CASES[0]))
+    api = WebUIClient(URL, timeout=1800)
+    _, info = txt2img(api, dict(BASE, **CASES[0]))
     version = infotext_fields(info).get("Version", "")
     kind = "neo" if version.startswith("neo") else "forge" if version.startswith("f") else "a1111"
-    titles = api.script_titles()
-    models = api.json("/controlnet/model_list").get("model_list", []) if "controlnet" in titles else []
+    titles = [t.lower() for t in api.get("/sdapi/v1/scripts").get("txt2img", [])]
+    models = api.get("/controlnet/model_list").get("model_list", []) if "controlnet" in titles else []
     return Host(api, kind, version, titles, models)
 
 
@@ -206,7 +240,7 @@ def _check(host: Host, report: Report, patcher: Patcher, hires: bool, title: str
             job["hr_additional_modules"] = ["Use same choices"]  # Forge's API default (None) fails the hires pass
 
         def run(label, scripts):
-            pixels, info = host.api.txt2img(dict(job, alwayson_scripts=scripts))
+            pixels, info = txt2img(host.api, dict(job, alwayson_scripts=scripts))
             report.line(f"  [{case['seed']}] {label}: {', '.join(k for k in infotext_fields(info) if k.startswith(('VMix', key)))}")
             return pixels, info
 
